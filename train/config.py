@@ -1,0 +1,389 @@
+"""Run configuration: one YAML file -> typed dataclasses, plus the DeepSpeed JSON.
+
+A run config has four sections (`model`, `data`, `train`, `logging`); each maps to
+one dataclass below and each function receives only the piece it uses. Loading is
+strict: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
+with one line naming the file and the dotted key.
+
+The DeepSpeed config is passed through as the user wrote it, except fields whose
+value is the string "auto", which are filled from the run config (the convention
+users know from Hugging Face). Batch arithmetic
+`train_batch_size = micro_batch * grad_accum * world_size` is checked before any
+rank starts.
+
+    cfg = load_run_config("configs/tiny.yaml")
+    ds = load_ds_config("ds_configs/zero2.json", cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from train.errors import ConfigError
+from train.model import ModelConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    # Training data: one prefix, or a blend list ["0.7", "a/prefix", "0.3", "b/prefix"].
+    train: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)  # validation prefixes (same form)
+    tokenizer: str = ""  # Hugging Face tokenizer directory
+    seq_len: int = 1024  # tokens per training row (windows are seq_len + 1)
+    seed: int = 1234  # shuffle seed for the dataset index
+    cache_dir: str = ""  # where index arrays are cached; "" = beside the data
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 4  # rows per rank per micro step
+    grad_accum_steps: int = 1
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # floor of the decay
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # WSD: share of max_steps spent decaying
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = 1234
+    eval_interval: int = 100  # steps between evaluations (0 = never)
+    eval_steps: int = 10  # micro batches per evaluation
+    save_interval: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events
+    log_interval: int = 10  # steps between metric lines
+    tensorboard: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure / unknown
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    logging: LoggingConfig
+    path: str = ""  # the YAML file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (what a checkpoint was trained with)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "logging": LoggingConfig}
+
+# (section, key) -> (minimum, maximum); None means unbounded on that side.
+RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("model", "vocab_size"): (1, None),
+    ("model", "max_seq_len"): (1, None),
+    ("model", "n_layer"): (1, None),
+    ("model", "n_head"): (1, None),
+    ("model", "n_kv_head"): (1, None),
+    ("model", "d_model"): (1, None),
+    ("model", "ffn_hidden"): (1, None),
+    ("model", "rope_theta"): (1e-9, None),
+    ("model", "norm_eps"): (0, 1),
+    ("model", "dropout"): (0, 0.999),
+    ("model", "init_std"): (0, None),
+    ("model", "pad_vocab_multiple"): (1, None),
+    ("data", "seq_len"): (1, None),
+    ("data", "seed"): (0, None),
+    ("train", "micro_batch_size"): (1, None),
+    ("train", "grad_accum_steps"): (1, None),
+    ("train", "max_steps"): (1, None),
+    ("train", "lr"): (0, 10),
+    ("train", "min_lr"): (0, 10),
+    ("train", "warmup_steps"): (0, None),
+    ("train", "decay_fraction"): (0, 1),
+    ("train", "weight_decay"): (0, None),
+    ("train", "eps"): (0, 1),
+    ("train", "grad_clip"): (0, None),
+    ("train", "seed"): (0, None),
+    ("train", "eval_interval"): (0, None),
+    ("train", "eval_steps"): (1, None),
+    ("train", "save_interval"): (0, None),
+    ("train", "keep_last"): (1, None),
+    ("train", "max_bad_steps"): (1, None),
+    ("logging", "log_interval"): (1, None),
+    ("logging", "peak_flops"): (0, None),
+}
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build_section(cls: type, data: Any, where: str, section: str) -> Any:
+    """Make dataclass `cls` from a mapping, refusing unknown keys and bad values."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: section must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            near = sorted(names)
+            raise ConfigError(f"{where}.{key}: unknown key (valid keys: {', '.join(near)})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+        lo, hi = RANGES.get((section, key), (None, None))
+        v = kwargs[key]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                raise ConfigError(f"{where}.{key}: value {v} is out of range {span}")
+    return cls(**kwargs)
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    """The model fields of a named preset (train/presets/<name>.yaml)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown model preset {name!r} (presets: {', '.join(names) or 'none'})")
+    return read_yaml(path)
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a run config. `overrides` maps "section.key" -> value."""
+    raw = read_yaml(path)
+    raw = copy.deepcopy(raw)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(f"override {dotted!r}: expected section.key with a section of {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"{path}: {key}: unknown section (valid sections: {', '.join(SECTIONS)})")
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.pop("preset", None)
+    if preset is not None:
+        model_raw = {**model_preset(str(preset)), **model_raw}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        data = model_raw if name == "model" else raw.get(name)
+        sections[name] = build_section(cls, data, f"{path}: {name}", name)
+    cfg = RunConfig(**sections, path=str(path))
+    check_cross_fields(cfg)
+    return cfg
+
+
+def check_cross_fields(cfg: RunConfig) -> None:
+    """Checks that involve more than one key; each error names the key to change."""
+    p, m, t, d = cfg.path, cfg.model, cfg.train, cfg.data
+    if m.d_model % m.n_head:
+        raise ConfigError(f"{p}: model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise ConfigError(f"{p}: model.n_kv_head: {kv} must divide model.n_head={m.n_head}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"{p}: data.seq_len: {d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    if t.min_lr > t.lr:
+        raise ConfigError(f"{p}: train.min_lr: {t.min_lr} is above train.lr={t.lr}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"{p}: train.betas: expected two numbers in [0, 1), got {t.betas}")
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError(f"{p}: train.warmup_steps: {t.warmup_steps} exceeds train.max_steps={t.max_steps}")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def read_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: DeepSpeed config not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top")
+    return data
+
+
+def _auto_values(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Dotted ds_config key -> value owned by the run config."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer.params.lr": t.lr,
+        "optimizer.params.betas": list(t.betas),
+        "optimizer.params.weight_decay": t.weight_decay,
+        "optimizer.params.eps": t.eps,
+        "scheduler.params.warmup_num_steps": t.warmup_steps,
+        "scheduler.params.total_num_steps": t.max_steps,
+        "scheduler.params.warmup_max_lr": t.lr,
+        "scheduler.params.warmup_min_lr": 0.0,
+        "bf16.enabled": t.precision == "bf16",
+        "fp16.enabled": t.precision == "fp16",
+        # ZeRO-3 bucket sizes, sized from the hidden width as Hugging Face does.
+        "zero_optimization.reduce_bucket_size": cfg.model.d_model * cfg.model.d_model,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * cfg.model.d_model * cfg.model.d_model),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * cfg.model.d_model,
+    }
+
+
+def fill_auto(ds: dict[str, Any], cfg: RunConfig, world_size: int, where: str = "ds_config") -> dict[str, Any]:
+    """Return a copy of `ds` with every "auto" value filled from the run config."""
+    ds = copy.deepcopy(ds)
+    values = _auto_values(cfg, world_size)
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                dotted = f"{prefix}{key}"
+                if value == "auto":
+                    if dotted not in values:
+                        raise ConfigError(f"{where}: {dotted}: \"auto\" is not a value ZeroLLM can fill; set it")
+                    node[key] = values[dotted]
+                else:
+                    walk(value, dotted + ".")
+
+    walk(ds, "")
+    return ds
+
+
+def check_batch(ds: dict[str, Any], cfg: RunConfig, world_size: int, where: str = "ds_config") -> None:
+    """train_batch_size must equal micro_batch * grad_accum * world_size."""
+    micro = ds.get("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size)
+    accum = ds.get("gradient_accumulation_steps", cfg.train.grad_accum_steps)
+    total = ds.get("train_batch_size", micro * accum * world_size)
+    if (micro, accum) != (cfg.train.micro_batch_size, cfg.train.grad_accum_steps):
+        raise ConfigError(
+            f"{where}: train_micro_batch_size_per_gpu={micro} / gradient_accumulation_steps={accum} disagree "
+            f"with {cfg.path}: train.micro_batch_size={cfg.train.micro_batch_size} / "
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps}; set them to \"auto\""
+        )
+    if total != micro * accum * world_size:
+        raise ConfigError(
+            f"{where}: train_batch_size: {total} != micro_batch {micro} x grad_accum {accum} x world_size "
+            f"{world_size} = {micro * accum * world_size}; set train_batch_size to \"auto\" or change "
+            "train.micro_batch_size / train.grad_accum_steps / the number of ranks"
+        )
+
+
+def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Read a ds_config, fill its "auto" fields and check the batch arithmetic."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1, got {world_size}")
+    ds = fill_auto(read_ds_config(path), cfg, world_size, where=str(path))
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage: unknown ZeRO stage {stage!r} (valid: 0, 1, 2, 3)")
+    check_batch(ds, cfg, world_size, where=str(path))
+    precision = cfg.train.precision
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: bf16.enabled and fp16.enabled are both true; pick one (train.precision)")
+    want = {"bf16": (True, False), "fp16": (False, True), "fp32": (False, False)}[precision]
+    have = (bool(ds.get("bf16", {}).get("enabled")), bool(ds.get("fp16", {}).get("enabled")))
+    if have != want:
+        raise ConfigError(
+            f"{path}: bf16.enabled/fp16.enabled = {have[0]}/{have[1]} contradict {cfg.path}: "
+            f"train.precision={precision!r}; set them to \"auto\""
+        )
+    return ds
