@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check-config",
         help="validate a run config (and a DeepSpeed config) and print the resolved values",
-        description="Load RUN.yaml strictly, fill the DeepSpeed config's \"auto\" fields for the "
+        description='Load RUN.yaml strictly, fill the DeepSpeed config\'s "auto" fields for the '
         "given world size and check the batch arithmetic; print the result as JSON.",
     )
     p.add_argument("config", help="run config YAML")

@@ -339,7 +339,7 @@ def fill_auto(ds: dict[str, Any], cfg: RunConfig, world_size: int, where: str = 
                 dotted = f"{prefix}{key}"
                 if value == "auto":
                     if dotted not in values:
-                        raise ConfigError(f"{where}: {dotted}: \"auto\" is not a value ZeroLLM can fill; set it")
+                        raise ConfigError(f'{where}: {dotted}: "auto" is not a value ZeroLLM can fill; set it')
                     node[key] = values[dotted]
                 else:
                     walk(value, dotted + ".")
@@ -357,12 +357,12 @@ def check_batch(ds: dict[str, Any], cfg: RunConfig, world_size: int, where: str 
         raise ConfigError(
             f"{where}: train_micro_batch_size_per_gpu={micro} / gradient_accumulation_steps={accum} disagree "
             f"with {cfg.path}: train.micro_batch_size={cfg.train.micro_batch_size} / "
-            f"train.grad_accum_steps={cfg.train.grad_accum_steps}; set them to \"auto\""
+            f'train.grad_accum_steps={cfg.train.grad_accum_steps}; set them to "auto"'
         )
     if total != micro * accum * world_size:
         raise ConfigError(
             f"{where}: train_batch_size: {total} != micro_batch {micro} x grad_accum {accum} x world_size "
-            f"{world_size} = {micro * accum * world_size}; set train_batch_size to \"auto\" or change "
+            f'{world_size} = {micro * accum * world_size}; set train_batch_size to "auto" or change '
             "train.micro_batch_size / train.grad_accum_steps / the number of ranks"
         )
 
@@ -384,6 +384,6 @@ def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict[st
     if have != want:
         raise ConfigError(
             f"{path}: bf16.enabled/fp16.enabled = {have[0]}/{have[1]} contradict {cfg.path}: "
-            f"train.precision={precision!r}; set them to \"auto\""
+            f'train.precision={precision!r}; set them to "auto"'
         )
     return ds
