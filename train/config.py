@@ -226,7 +226,10 @@ def build_section(cls: type, data: Any, where: str, section: str) -> Any:
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
                 raise ConfigError(f"{where}.{key}: value {v} is out of range {span}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a dataclass's own __post_init__ check
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def model_preset(name: str) -> dict[str, Any]:

@@ -1,0 +1,337 @@
+"""Checkpoints that never lie: atomic save, verified resume, RNG and data position.
+
+DeepSpeed's own `save_checkpoint` writes in place and lets rank 0 write `latest`
+before the other ranks finish; its `load_checkpoint` returns (None, None) when
+`latest` is missing. So ZeroLLM wraps it:
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step00000200/                  one complete checkpoint (DeepSpeed's files inside)
+        mp_rank_00_model_states.pt     DeepSpeed: module + client_state["zerollm"]
+        *zero_pp_rank_<r>_*optim_states.pt  DeepSpeed: each rank's optimizer shard
+        zerollm_rank<r>.pt             ours: rank r's torch/numpy/python (CUDA) RNG
+        complete.json                  ours: written last; step, world size, files
+    step00000200_universal/        optional: `zerollm checkpoint universal` output
+    latest                         the tag to resume from; replaced atomically
+    .tmp-step00000400/             a save in progress (ignored and cleaned on resume)
+
+Save: every rank writes into `.tmp-<tag>` (`save_latest=False`) and verifies the
+files it owns can be read back; barrier; rank 0 checks every rank's files, writes
+`complete.json`, renames the folder to `<tag>`, then replaces `latest`
+(temp file + fsync + rename). A process killed at any point leaves either the
+previous checkpoint as the newest complete one, or the new one fully written.
+
+Resume: follow `latest`; when it is missing, dangling or names an incomplete
+folder, take the newest complete checkpoint and say so. Loading goes through
+`torch.load(weights_only=True)` with an explicit allow-list of DeepSpeed's classes.
+Checkpoints must live on a filesystem every node sees (as DeepSpeed assumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.errors import ZeroLLMError
+
+log = logging.getLogger("zerollm")
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+MANIFEST = "complete.json"
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def allowed_globals() -> list[Any]:
+    """The only non-tensor classes a ZeroLLM/DeepSpeed checkpoint may contain."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    with contextlib.suppress(ImportError):
+        from deepspeed.checkpoint.constants import PARAM_SHAPES  # noqa: F401
+    allowed += [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
+    allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "uint8", "int32", "bool")]
+    allowed += [set, frozenset, slice, getattr]
+    return allowed
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Force `torch.load(weights_only=True)` (with the allow-list) for everything inside,
+    including DeepSpeed's internal loads, so no checkpoint can run arbitrary code."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].copy(),
+        "numpy_pos": np.random.get_state()[2],
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to `path` so a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fault(point: str, rank: int, step: int) -> None:
+    """Test hook: ZEROLLM_FAULT=point:rank:step SIGKILLs that rank at that point."""
+    spec = os.environ.get("ZEROLLM_FAULT", "")
+    if spec == f"{point}:{rank}:{step}":
+        log.warning("ZEROLLM_FAULT: killing rank %d at %s (step %d)", rank, point, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank_files(folder: Path, rank: int) -> list[Path]:
+    """DeepSpeed's files owned by `rank` (optimizer shards; rank 0 also the model states)."""
+    mine = re.compile(rf"(^|_)rank_{rank}_")
+    own = [p for p in folder.iterdir() if mine.search(p.name) or p.name == f"zerollm_rank{rank:05d}.pt"]
+    if rank == 0:
+        own += list(folder.glob("mp_rank_*_model_states.pt"))
+    return own
+
+
+class Checkpointer:
+    """Save and find checkpoints for one run; one instance per rank."""
+
+    def __init__(self, run_dir: str | Path, rank: int, world_size: int, keep_last: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
+        import torch.distributed as dist
+
+        tag = f"step{step:08d}"
+        tmp = self.dir / f".tmp-{tag}"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
+            tmp.mkdir()
+        dist.barrier()  # also: never start a save on a broken process group
+        engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={"zerollm": state}, save_latest=False)
+        _fault("in_save", self.rank, step)
+        side = tmp / f"zerollm_rank{self.rank:05d}.pt"
+        buf = _torch_bytes(rng_state())
+        write_atomic(side, buf)
+        sizes = self._verify_own_files(tmp)
+        dist.barrier()
+        all_sizes = [None] * self.world_size
+        dist.all_gather_object(all_sizes, sizes)
+        final = self.dir / tag
+        if self.rank == 0:
+            files = {name: size for part in all_sizes for name, size in part.items()}
+            manifest = {"step": step, "world_size": self.world_size, "files": files, "state": state}
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            if final.exists():  # an older save of the same step (e.g. after resuming)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            write_atomic(self.dir / "latest", tag.encode())
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _verify_own_files(self, folder: Path) -> dict[str, int]:
+        """Read back the files this rank wrote; a truncated file fails here, not at resume."""
+        sizes = {}
+        with safe_torch_load():
+            for path in _rank_files(folder, self.rank):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                try:
+                    torch.load(path, map_location="cpu")
+                except Exception as e:
+                    raise ZeroLLMError(f"{path}: checkpoint file unreadable right after saving: {e}") from e
+                sizes[path.name] = path.stat().st_size
+        return sizes
+
+    def _prune(self) -> None:
+        tags = self.complete_tags()
+        for tag in tags[: max(0, len(tags) - self.keep_last)]:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+            shutil.rmtree(self.dir / f"{tag}_universal", ignore_errors=True)
+
+    # ------------------------------------------------------------------ find
+
+    def is_complete(self, folder: Path) -> bool:
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            return False
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError):
+            return False
+        return all((folder / n).is_file() and (folder / n).stat().st_size == s for n, s in files.items())
+
+    def complete_tags(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        tags = [p.name for p in self.dir.iterdir() if TAG_RE.match(p.name) and self.is_complete(p)]
+        return sorted(tags)
+
+    def find_resume(self) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh run (never silently)."""
+        if not self.dir.is_dir():
+            return None
+        latest = self.dir / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else None
+        if tag and self.is_complete(self.dir / tag):
+            return self.dir / tag
+        complete = self.complete_tags()
+        if complete:
+            why = f"'latest' names {tag!r}, which is missing or incomplete" if tag else "'latest' is missing"
+            if self.rank == 0:
+                log.warning("%s: %s; resuming from the newest complete checkpoint %s", self.dir, why, complete[-1])
+            return self.dir / complete[-1]
+        broken = [p.name for p in self.dir.iterdir() if TAG_RE.match(p.name)]
+        if broken:
+            raise ZeroLLMError(
+                f"{self.dir}: checkpoints {', '.join(sorted(broken))} exist but none is complete "
+                f"(no valid {MANIFEST}); move them away to start from scratch"
+            )
+        if tag:
+            raise ZeroLLMError(f"{latest}: names {tag!r} but no checkpoint exists; remove it to start from scratch")
+        return None
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, engine, folder: Path) -> dict[str, Any]:
+        """Load `folder` into `engine` (and this rank's RNG); returns the trainer state."""
+        manifest = json.loads((folder / MANIFEST).read_text())
+        saved_world = manifest["world_size"]
+        load_dir, tag = self.dir, folder.name
+        if saved_world != self.world_size:
+            universal = folder.with_name(folder.name + "_universal")
+            if not self.is_complete(universal):
+                raise ZeroLLMError(
+                    f"{folder}: written by {saved_world} ranks, this run has {self.world_size}; "
+                    f"convert it first: zerollm checkpoint universal {self.dir.parent}"
+                )
+            engine._config.load_universal_checkpoint = True
+            tag = universal.name
+            if self.rank == 0:
+                log.info(
+                    "resuming %d-rank checkpoint %s on %d ranks via %s", saved_world, folder.name, self.world_size, tag
+                )
+        with safe_torch_load():
+            path, client = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        engine._config.load_universal_checkpoint = False
+        if path is None or not client or "zerollm" not in client:
+            raise ZeroLLMError(f"{load_dir / tag}: DeepSpeed could not load this checkpoint")
+        side = folder / f"zerollm_rank{self.rank:05d}.pt"
+        if side.is_file() and saved_world == self.world_size:
+            with safe_torch_load():
+                set_rng_state(torch.load(side, map_location="cpu"))
+        return client["zerollm"]
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- universal
+
+
+def convert_to_universal(run_dir: str | Path, tag: str | None = None) -> Path:
+    """DeepSpeed's universal checkpoint of `tag` (default: the resume point), so a run
+    can continue on a different number of ranks or ZeRO stage."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ckpt = Checkpointer(run_dir, rank=0, world_size=1)
+    folder = ckpt.dir / tag if tag else ckpt.find_resume()
+    if folder is None or not ckpt.is_complete(folder):
+        raise ZeroLLMError(f"{ckpt.dir}: no complete checkpoint {tag or ''} to convert")
+    out = folder.with_name(folder.name + "_universal")
+    tmp = folder.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(folder),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with safe_torch_load():
+        ds_to_universal.main(args)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    files = {}
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            files[str(path.relative_to(tmp))] = path.stat().st_size
+    manifest.update(files=files, universal=True)
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out

@@ -1,0 +1,103 @@
+"""`zerollm pretrain`, `zerollm export`, `zerollm checkpoint universal` (light at import)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("zerollm")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain on this node (same as `zerollm launch pretrain ...`)",
+        description="Run train.pretrain under the deepspeed launcher on this node; every option of "
+        "`zerollm launch` applies (e.g. --num_gpus 2). Re-running resumes from the last checkpoint.",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run_pretrain)
+
+    p = sub.add_parser("export", help="export a checkpoint to a Hugging Face model directory")
+    p.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the resume point)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir to copy (default: data.tokenizer)")
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    u = csub.add_parser(
+        "universal",
+        help="convert a checkpoint to DeepSpeed's universal format (resume on another world size / ZeRO stage)",
+    )
+    u.add_argument("run_dir")
+    u.add_argument("--tag", default=None, help="checkpoint tag (default: the resume point)")
+    u.set_defaults(func=run_universal)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from launch.cli import main
+
+    return main(["launch", "pretrain", *args.rest])
+
+
+def run_universal(args: argparse.Namespace) -> int:
+    from train.checkpoint import convert_to_universal
+
+    out = convert_to_universal(args.run_dir, args.tag)
+    print(out)
+    return 0
+
+
+def load_checkpoint_model(run_dir: str, tag: str | None = None):
+    """(model, run_config) from a DeepSpeed checkpoint of any ZeRO stage, fp32 weights."""
+    from pathlib import Path
+
+    import torch
+
+    from train.checkpoint import Checkpointer, safe_torch_load
+    from train.config import load_run_config
+    from train.errors import ZeroLLMError
+    from train.model import CustomLanguageModel
+
+    run = Path(run_dir)
+    cfg = load_run_config(run / "config.yaml")
+    ckpt = Checkpointer(run, rank=0, world_size=1)
+    folder = ckpt.dir / tag if tag else ckpt.find_resume()
+    if folder is None or not ckpt.is_complete(folder):
+        raise ZeroLLMError(f"{ckpt.dir}: no complete checkpoint {tag or ''} to load")
+    model = CustomLanguageModel(cfg.model)
+    with safe_torch_load():
+        if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.dir), tag=folder.name)
+        else:
+            sd = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    sd = {k: v.float() for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # A tied head has no entry of its own in ZeRO's consolidated state dict.
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and cfg.model.tie_embeddings)]
+    if missing or unexpected:
+        raise ZeroLLMError(f"{folder}: checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    return model, cfg
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from train.hf_export import export_hf
+
+    model, cfg = load_checkpoint_model(args.run_dir, args.tag)
+    out = Path(args.out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_hf(model, cfg.model, tmp, tokenizer_dir=args.tokenizer or cfg.data.tokenizer or None)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(out)
+    return 0
