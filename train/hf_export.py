@@ -1,0 +1,318 @@
+"""Hugging Face export and import: ours <-> `GPT2LMHeadModel` / `LlamaForCausalLM`.
+
+    export_hf(model, cfg, "out/hf", tokenizer_dir="tok/")   # then AutoModelForCausalLM.from_pretrained("out/hf")
+    model, cfg = import_hf("some/hf_dir")                     # or import_hf(hf_model)
+
+The GPT-2 style (learned positions, LayerNorm, GELU, biases) maps to GPT2LMHeadModel, the Llama
+style (RoPE, RMSNorm, SwiGLU, GQA) to LlamaForCausalLM; a mixed style has no HF class and is
+refused. The weights are renamed, never changed, so logits match to float rounding:
+
+- GPT-2 keeps weights in `Conv1D` layout (in, out): our `nn.Linear` weights are transposed.
+- Llama has separate q/k/v and gate/up projections: our fused `c_attn` ([q | k | v] rows) and
+  `c_fc` ([gate | up] rows) are split. Our RoPE already uses HF's rotate_half layout, so q/k
+  need no permutation.
+- Padded vocabulary rows are dropped on export and zero-filled on import (they never reach the
+  logits either way). A tied head is written once, as HF does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.errors import ZeroLLMError
+from train.model import CustomLanguageModel, ModelConfig
+
+_PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP-style wrappers
+
+
+def hf_style(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama': the HF family this config exports to; ZeroLLMError for mixed styles."""
+    gpt2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
+    llama = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
+    if all(getattr(cfg, k) == v for k, v in gpt2.items()):
+        if cfg.kv_heads != cfg.n_head:
+            raise ZeroLLMError("model.n_kv_head: GPT2LMHeadModel has no grouped-query attention; set it to n_head")
+        return "gpt2"
+    if all(getattr(cfg, k) == v for k, v in llama.items()):
+        return "llama"
+    got = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in (*gpt2, "mlp"))
+    raise ZeroLLMError(
+        f"model style ({got}) has no Hugging Face class: use pos_emb=learned, norm=layernorm, mlp=gelu, "
+        "bias=true (GPT-2) or pos_emb=rope, norm=rmsnorm, mlp=swiglu (Llama)"
+    )
+
+
+def hf_config(cfg: ModelConfig, **token_ids: Any):
+    """The transformers config of the same architecture (GPT2Config or LlamaConfig)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+    if hf_style(cfg) == "gpt2":
+        return GPT2Config(
+            n_positions=cfg.max_seq_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.ffn_dim,
+            activation_function="gelu_new",
+            layer_norm_epsilon=cfg.norm_eps,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            architectures=["GPT2LMHeadModel"],
+            **common,
+            **token_ids,
+        )
+    return LlamaConfig(
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+        attention_dropout=cfg.dropout,
+        architectures=["LlamaForCausalLM"],
+        **common,
+        **token_ids,
+    )
+
+
+def config_from_hf(hf_cfg: Any, **overrides: Any) -> ModelConfig:
+    """Our ModelConfig from a GPT2Config / LlamaConfig; overrides set training-time fields."""
+    c = hf_cfg
+    if c.model_type == "gpt2":
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ZeroLLMError(f"GPT-2 activation_function={c.activation_function!r} is not supported (gelu_new only)")
+        if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False):
+            raise ZeroLLMError("GPT-2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+        fields = dict(
+            vocab_size=c.vocab_size,
+            max_seq_len=c.n_positions,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            d_model=c.n_embd,
+            ffn_hidden=c.n_inner or 4 * c.n_embd,
+            norm_eps=c.layer_norm_epsilon,
+            tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        )
+    elif c.model_type == "llama":
+        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ZeroLLMError(f"Llama rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if head_dim * c.num_attention_heads != c.hidden_size:
+            raise ZeroLLMError(f"Llama head_dim={head_dim} * heads != hidden_size={c.hidden_size} is not supported")
+        if c.hidden_act != "silu" or bool(c.attention_bias) != bool(getattr(c, "mlp_bias", False)):
+            raise ZeroLLMError("Llama needs hidden_act='silu' and attention_bias == mlp_bias")
+        fields = dict(
+            vocab_size=c.vocab_size,
+            max_seq_len=c.max_position_embeddings,
+            n_layer=c.num_hidden_layers,
+            n_head=c.num_attention_heads,
+            n_kv_head=c.num_key_value_heads or c.num_attention_heads,
+            d_model=c.hidden_size,
+            ffn_hidden=c.intermediate_size,
+            pos_emb="rope",
+            rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
+            norm="rmsnorm",
+            norm_eps=c.rms_norm_eps,
+            mlp="swiglu",
+            bias=bool(c.attention_bias),
+            tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        )
+    else:
+        raise ZeroLLMError(f"Hugging Face model_type {c.model_type!r} is not supported (gpt2, llama)")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for p in _PREFIXES:
+            k = k.removeprefix(p)
+        out[k] = v
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF names and layouts (fresh contiguous CPU tensors, no shared storage)."""
+    sd, V = _strip(sd), cfg.vocab_size
+    out: dict[str, torch.Tensor] = {}
+    if hf_style(cfg) == "gpt2":
+        out["transformer.wte.weight"] = sd["wte.weight"][:V]
+        out["transformer.wpe.weight"] = sd["wpe.weight"]
+        for i in range(cfg.n_layer):
+            o, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs, transpose in [
+                ("ln_1", "ln_1", False),
+                ("attn.c_attn", "attn.c_attn", True),
+                ("attn.c_proj", "attn.c_proj", True),
+                ("ln_2", "ln_2", False),
+                ("mlp.c_fc", "mlp.c_fc", True),
+                ("mlp.c_proj", "mlp.c_proj", True),
+            ]:
+                w = sd[o + ours + ".weight"]
+                out[h + theirs + ".weight"] = w.t() if transpose else w  # Conv1D is (in, out)
+                out[h + theirs + ".bias"] = sd[o + ours + ".bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
+    else:
+        out["model.embed_tokens.weight"] = sd["wte.weight"][:V]
+        qkv = [cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+        for i in range(cfg.n_layer):
+            o, h = f"blocks.{i}.", f"model.layers.{i}."
+            out[h + "input_layernorm.weight"] = sd[o + "ln_1.weight"]
+            out[h + "post_attention_layernorm.weight"] = sd[o + "ln_2.weight"]
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                parts = sd[f"{o}attn.c_attn.{kind}"].split(qkv)
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                    out[f"{h}self_attn.{name}.{kind}"] = part
+                out[f"{h}self_attn.o_proj.{kind}"] = sd[f"{o}attn.c_proj.{kind}"]
+                gate, up = sd[f"{o}mlp.c_fc.{kind}"].chunk(2, dim=0)
+                out[f"{h}mlp.gate_proj.{kind}"], out[f"{h}mlp.up_proj.{kind}"] = gate, up
+                out[f"{h}mlp.down_proj.{kind}"] = sd[f"{o}mlp.c_proj.{kind}"]
+        out["model.norm.weight"] = sd["ln_f.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 / Llama weights -> our state dict (vocab rows zero-padded to padded_vocab_size)."""
+    sd = {k.removeprefix("module."): v for k, v in hf_sd.items()}
+    pad = cfg.padded_vocab_size - cfg.vocab_size
+
+    def rows(w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w, w.new_zeros(pad, w.size(1))]) if pad else w
+
+    out: dict[str, torch.Tensor] = {}
+    if hf_style(cfg) == "gpt2":
+        sd = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in sd.items()}
+        out["wte.weight"] = rows(sd["transformer.wte.weight"])
+        out["wpe.weight"] = sd["transformer.wpe.weight"]
+        for i in range(cfg.n_layer):
+            o, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for name, transpose in [("ln_1", 0), ("attn.c_attn", 1), ("attn.c_proj", 1), ("ln_2", 0)] + [
+                ("mlp.c_fc", 1),
+                ("mlp.c_proj", 1),
+            ]:
+                w = sd[h + name + ".weight"]
+                out[o + name + ".weight"] = w.t() if transpose else w
+                out[o + name + ".bias"] = sd[h + name + ".bias"]
+        out["ln_f.weight"], out["ln_f.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
+        head = sd.get("lm_head.weight", sd["transformer.wte.weight"])
+    else:
+        out["wte.weight"] = rows(sd["model.embed_tokens.weight"])
+        for i in range(cfg.n_layer):
+            o, h = f"blocks.{i}.", f"model.layers.{i}."
+            out[o + "ln_1.weight"] = sd[h + "input_layernorm.weight"]
+            out[o + "ln_2.weight"] = sd[h + "post_attention_layernorm.weight"]
+            for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                a = h + "self_attn."
+                out[f"{o}attn.c_attn.{kind}"] = torch.cat([sd[f"{a}{n}_proj.{kind}"] for n in "qkv"])
+                out[f"{o}attn.c_proj.{kind}"] = sd[f"{a}o_proj.{kind}"]
+                m = h + "mlp."
+                out[f"{o}mlp.c_fc.{kind}"] = torch.cat([sd[f"{m}gate_proj.{kind}"], sd[f"{m}up_proj.{kind}"]])
+                out[f"{o}mlp.c_proj.{kind}"] = sd[f"{m}down_proj.{kind}"]
+        out["ln_f.weight"] = sd["model.norm.weight"]
+        head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else rows(head)
+    return out
+
+
+def _token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """bos/eos/pad ids of a tokenizer dir, for the HF config (so HF generate stops right)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    ids = {f"{k}_token_id": getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_hf(
+    model: CustomLanguageModel, cfg: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None
+) -> Path:
+    """Write `model` as an HF model dir: model.safetensors + config.json (+ tokenizer files).
+
+    The weights keep the model's dtype. Returns out_dir.
+    """
+    module = getattr(model, "_orig_mod", model)
+    hf_style(cfg)  # refuse a mixed style before writing anything
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if tok_dir is not None and not tok_dir.is_dir():
+        raise ZeroLLMError(f"{tok_dir}: tokenizer directory not found")
+    tensors = state_dict_to_hf(module.state_dict(), cfg)
+    dtype = next(iter(tensors.values())).dtype
+    cfg_hf = hf_config(cfg, **(_token_ids(tok_dir) if tok_dir is not None else {}))
+    cfg_hf.dtype = dtype  # from_pretrained loads in this dtype
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / "config.json", lambda p: p.write_text(cfg_hf.to_json_string()))
+    if tok_dir is not None:
+        for f in sorted(tok_dir.iterdir()):
+            if f.is_file() and f.name != "config.json" and not f.name.endswith((".safetensors", ".bin")):
+                shutil.copy2(f, out / f.name)
+    return out
+
+
+def _load_dir_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ZeroLLMError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
+    sd = {}
+    for f in bins:
+        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    return sd
+
+
+def import_hf(path_or_hf_model: Any, **overrides: Any) -> tuple[CustomLanguageModel, ModelConfig]:
+    """A GPT-2 / Llama HF model (a local dir or a loaded model) -> (our model, its config).
+
+    overrides set ModelConfig fields that do not change the weights' meaning (dropout,
+    pad_vocab_multiple, activation_checkpointing, ...). The model is in fp32 unless the
+    caller casts it.
+    """
+    if isinstance(path_or_hf_model, (str, Path)):
+        from transformers import AutoConfig
+
+        path = Path(path_or_hf_model)
+        if not (path / "config.json").is_file():
+            raise ZeroLLMError(f"{path}: not a Hugging Face model directory (no config.json)")
+        hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf_sd = _load_dir_state_dict(path)
+    else:
+        hf_cfg, hf_sd = path_or_hf_model.config, path_or_hf_model.state_dict()
+    cfg = config_from_hf(hf_cfg, **overrides)
+    try:
+        sd = hf_to_state_dict(hf_sd, cfg)
+    except KeyError as e:
+        raise ZeroLLMError(
+            f"Hugging Face weights lack {e.args[0]!r} for a {cfg.n_layer}-layer {hf_cfg.model_type}"
+        ) from e
+    model = CustomLanguageModel(cfg)
+    model.load_state_dict(sd, strict=True)
+    return model, cfg
