@@ -23,5 +23,11 @@ def style(request) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seeded, and one intra-op thread: tiny ops on a shared 2-core machine run ~100x slower
+    when OpenMP threads spin against other processes."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
