@@ -1,0 +1,45 @@
+"""Per-rank entry point that `zerollm launch` puts in front of a stage module.
+
+    python -m launch.rank [--local_rank=N] train.pretrain --config RUN.yaml ...
+
+The deepspeed launcher runs this once per rank (`--module launch.rank MODULE ...`).
+Before the stage's code runs it: dies with the per-node launcher (no orphan ranks),
+starts the heartbeat to the supervising `zerollm launch`, and bounds every process
+group's timeout (`launch.watchdog`). Then it runs MODULE as `__main__` in this same
+process with the remaining arguments (`--local_rank=N` first, where deepspeed put it),
+and reports the exit code to the supervisor.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+from launch import watchdog
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    leading = []
+    while argv and argv[0].startswith("--local_rank"):
+        leading.append(argv.pop(0))
+    if not argv:
+        sys.exit("usage: python -m launch.rank [--local_rank=N] MODULE [ARGS...]")
+    module = argv.pop(0)
+    watchdog.die_with_parent()
+    watchdog.start_heartbeat()
+    watchdog.install_pg_timeouts()
+    sys.argv = [module, *leading, *argv]
+    code: int = 1
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    finally:
+        watchdog.report_exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Run a launcher command and own its ranks: forward stop signals, detect dead or frozen
+ranks, leave no process behind, and return a non-zero code whenever a rank failed.
+
+The supervisor is the `zerollm launch` process itself (and, under Slurm, one
+`python -m launch.node` per node). It starts the deepspeed launcher in a session of
+its own, then loops:
+
+- a SIGTERM / SIGINT / SIGHUP / SIGUSR1 it receives goes to every rank on every node
+  (`launch.jobctl` over pdsh, or on this node), as SIGTERM or SIGUSR1: the engine saves
+  a checkpoint and exits 75. A second signal, or `stop_grace` seconds without the job
+  ending, kills the job.
+- each rank sends a heartbeat (see `launch.watchdog`); a rank silent for
+  `heartbeat_timeout` seconds (killed, frozen) or reporting an error exit stops the job
+  at once, with a message naming the rank, its node and host;
+- when the launcher exits, every process still carrying the job's id is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from launch import jobctl
+from launch.watchdog import EXIT_PREEMPTED
+
+log = logging.getLogger("zerollm.launch")
+
+# What each signal the supervisor gets becomes for the ranks (the engine saves on both).
+FORWARD = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM,
+           signal.SIGUSR1: signal.SIGUSR1}  # fmt: skip
+
+
+def bind_heartbeat(addr: str) -> socket.socket:
+    """A UDP socket on `addr` (an address of this host) for the ranks' heartbeats."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((addr, 0))
+    return sock
+
+
+@dataclass
+class Supervisor:
+    cmd: list[str]
+    env: dict[str, str]
+    job_id: str
+    nodes: list[str]  # node rank -> host name as the user wrote it
+    remote: bool = False  # ranks run on other hosts: reach them over pdsh
+    heartbeat: socket.socket | None = None
+    heartbeat_timeout: float = 60.0
+    stop_grace: float = 120.0
+    signal_child_only: bool = False  # forward signals to the command only (srun does the rest)
+    python: str = "python3"
+    cwd: str = field(default_factory=os.getcwd)
+
+    def __post_init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.pending: list[int] = []
+        self.stopping_since: float | None = None
+        self.killed_at: float | None = None
+        self.failure: str | None = None
+        self.seen: dict[int, dict] = {}  # rank -> last heartbeat message, with "seen" = monotonic time
+        self.exits: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        handled = list(FORWARD)
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        try:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+            while self.proc.poll() is None:
+                self._tick()
+            rc = self.proc.returncode
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self._drain(0)
+        if not self.signal_child_only:
+            left = self._jobctl(signal.SIGKILL)
+            if left:
+                log.warning("zerollm launch: killed %d leftover process(es) of job %s", left, self.job_id)
+        return self._exit_code(rc)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def _tick(self) -> None:
+        self._drain(0.5)
+        now = time.monotonic()
+        while self.pending:
+            signum = self.pending.pop(0)
+            name = signal.Signals(signum).name
+            if self.stopping_since is None:
+                self.stopping_since = now
+                fwd = FORWARD[signum]
+                log.warning(
+                    "zerollm launch: %s: asking every rank to save and stop (%s); killing in %.0f s",
+                    name, signal.Signals(fwd).name, self.stop_grace,
+                )  # fmt: skip
+                self._forward(fwd)
+            elif self.killed_at is None:
+                self._kill(f"second signal ({name}) while stopping: killing the job now", failed=False)
+        for rank, msg in list(self.seen.items()):
+            silent = now - msg["seen"]
+            if silent > self.heartbeat_timeout and self.killed_at is None:
+                self._kill(
+                    f"rank {rank} ({self._where(msg)}) sent no heartbeat for {silent:.0f} s "
+                    f"(dead or frozen; --heartbeat_timeout {self.heartbeat_timeout:g}): stopping the job"
+                )
+        if self.stopping_since is not None and self.killed_at is None and now - self.stopping_since > self.stop_grace:
+            self._kill(f"the job did not stop within --stop_grace {self.stop_grace:g} s: killing it")
+        if self.killed_at is not None and now - self.killed_at > 30 and self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher itself hangs: end it
+
+    def _drain(self, wait: float) -> None:
+        if self.heartbeat is None:
+            time.sleep(wait)
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            ready, _, _ = select.select([self.heartbeat], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return
+            data = self.heartbeat.recv(65536)
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                continue
+            if msg.get("job") != self.job_id:
+                continue
+            rank = int(msg.get("rank", -1))
+            if msg.get("kind") == "exit":
+                self.seen.pop(rank, None)
+                code = int(msg.get("code", 1))
+                self.exits[rank] = code
+                if code not in (0, EXIT_PREEMPTED) and self.killed_at is None:
+                    self._kill(f"rank {rank} ({self._where(msg)}) exited with code {code}: stopping the job")
+            elif rank not in self.exits:
+                self.seen[rank] = {**msg, "seen": time.monotonic()}
+
+    # ------------------------------------------------------------------ actions
+    def _where(self, msg: dict) -> str:
+        node = int(msg.get("node_rank", -1))
+        host = self.nodes[node] if 0 <= node < len(self.nodes) else msg.get("host", "?")
+        return f"node {node}, host {host}, pid {msg.get('pid')}"
+
+    def _forward(self, sig: int) -> None:
+        if self.signal_child_only:
+            if self.proc is not None:
+                self.proc.send_signal(sig)
+            return
+        self._jobctl(sig, ranks=True)
+
+    def _kill(self, reason: str, failed: bool = True) -> None:
+        log.error("zerollm launch: %s", reason)
+        if failed and self.failure is None:
+            self.failure = reason
+        self.killed_at = time.monotonic()
+        if self.signal_child_only:
+            if self.proc is not None:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # srun: ends the step on every node
+            return
+        self._jobctl(signal.SIGKILL)
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _jobctl(self, sig: int, ranks: bool = False) -> int:
+        """Send `sig` to this job's processes (only ranks if `ranks`) on every node."""
+        if not self.remote:
+            return jobctl.signal_job(self.job_id, sig, ranks)
+        remote = [self.python, "-m", "launch.jobctl", self.job_id, str(int(sig))] + (["--ranks"] if ranks else [])
+        hosts = ",".join(dict.fromkeys(self.nodes))
+        cmd = ["pdsh", "-S", "-f", "1024", "-w", hosts, f"cd {shlex.quote(self.cwd)} && {shlex.join(remote)}"]
+        env = {**os.environ, "PDSH_RCMD_TYPE": "ssh"}
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout
+        except subprocess.TimeoutExpired:
+            log.error("zerollm launch: pdsh did not reach every node within 60 s to send signal %d", sig)
+            return 0
+        return sum(int(n) for n in re.findall(r"-> (\d+) process", out))
+
+    def _exit_code(self, rc: int) -> int:
+        if rc < 0:
+            rc = 128 - rc
+        if self.failure is not None:
+            return rc if rc not in (0, EXIT_PREEMPTED) else 1
+        if self.stopping_since is not None and rc == 0 and any(c != 0 for c in self.exits.values()):
+            return EXIT_PREEMPTED
+        return rc
