@@ -143,8 +143,7 @@ class GPTDataset:
             raise IndexError(f"sample {i} out of range [0, {self.length})")
         j = int(self.shuffle[i])
         p0, o0 = int(self.sample_pos[j]), int(self.sample_off[j])
-        p1, o1 = int(self.sample_pos[j + 1]), int(self.sample_off[j + 1])
-        if p0 == p1:  # inside one document (the common case): one slice
+        if p0 == int(self.sample_pos[j + 1]):  # inside one document (common): one slice
             s = int(self._tok_off[self.doc_order[p0]]) + o0
             return self._bin[s : s + self.seq_len + 1].astype(np.int64)
         return self._read_many(np.array([j], np.int64))[0]

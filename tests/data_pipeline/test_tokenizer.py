@@ -1,0 +1,119 @@
+"""Tokenizer: HF-loadable dir with eos/pad/chat tokens, exact round trip, exact fast path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from data_pipeline.tokenizer import (
+    SPECIAL_TOKENS,
+    FastEncoder,
+    _fast_spec,
+    fast_encoder_or_none,
+    load_tokenizer,
+    tokenizer_hash,
+)
+from train.errors import ZeroLLMError
+
+# Arbitrary Unicode (no lone surrogates: not encodable text) mixed with special-token strings.
+texts = st.lists(
+    st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(SPECIAL_TOKENS + ["<|", "|>", "<|endoftext", " ", "\n\n", "'s", "  "]),
+    ),
+    max_size=8,
+).map("".join)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def test_autotokenizer_loads_with_distinct_eos_pad_and_chat_template(tok_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok("hi there").input_ids == tok.encode("hi there")  # no BOS/EOS added
+    assert tok.eos_token_id not in tok("hi there").input_ids
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    ids = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids
+    assert len(tok) == 600
+
+
+@SETTINGS
+@given(text=texts)
+def test_decode_encode_round_trip(tok_dir, text):
+    tok = _cached_hf(tok_dir)
+    assert tok.decode(tok(text).input_ids) == text
+
+
+@SETTINGS
+@given(text=texts)
+def test_fast_path_is_token_identical(tok_dir, text):
+    tok = _cached_hf(tok_dir)
+    assert _cached_fast(tok_dir).encode_batch([text]) == [tok(text).input_ids]
+
+
+def test_fast_path_is_chosen_for_our_tokenizer_and_refused_for_other_shapes(tok_dir, tmp_path):
+    assert fast_encoder_or_none(tok_dir) is not None
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "NFC"}
+    assert _fast_spec(spec) is None
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    assert _fast_spec(spec) is None
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][::-1]  # merge order != id order
+    assert _fast_spec(spec) is None
+
+
+def test_load_refuses_tokenizer_without_eos(tok_dir, tmp_path):
+    bad = tmp_path / "noeos"
+    shutil.copytree(tok_dir, bad)
+    cfg = json.loads((bad / "tokenizer_config.json").read_text())
+    cfg.pop("eos_token")
+    (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in ("special_tokens_map.json",):
+        (bad / f).unlink(missing_ok=True)
+    with pytest.raises(ZeroLLMError, match="eos_token"):
+        load_tokenizer(bad)
+
+
+def test_tokenizer_hash_is_stable_and_content_based(tok_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tok_dir, copy)
+    assert tokenizer_hash(copy) == tokenizer_hash(tok_dir)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text() + " ")
+    assert tokenizer_hash(copy) != tokenizer_hash(tok_dir)
+
+
+def test_train_refuses_empty_input_and_tiny_vocab(tmp_path):
+    from data_pipeline.tokenizer import train_tokenizer
+
+    with pytest.raises(ZeroLLMError, match="no documents"):
+        train_tokenizer(iter([]), tmp_path / "t", 500)
+    with pytest.raises(ZeroLLMError, match="too small"):
+        train_tokenizer(["abc"], tmp_path / "t", 100)
+
+
+_HF: dict = {}
+
+
+def _cached_hf(path):
+    if path not in _HF:
+        _HF[path] = load_tokenizer(path)
+    return _HF[path]
+
+
+def _cached_fast(path) -> FastEncoder:
+    key = ("fast", path)
+    if key not in _HF:
+        _HF[key] = FastEncoder(_fast_spec(json.loads((path / "tokenizer.json").read_text())))
+    return _HF[key]
