@@ -23,11 +23,10 @@ def stdlib_sources() -> list[Path]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not (_TEST_DIRS & set(p.relative_to(root).parts[:-1])) and not p.name.startswith("test_")
-    ]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _TEST_DIRS]  # prune, don't descend
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py") and not f.startswith("test_")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
