@@ -169,6 +169,17 @@ def output_prefixes(out_prefix: str, valid_fraction: float, shard: tuple[int, in
     return [f"{base}_train", f"{base}_valid"] if valid_fraction > 0 else [base]
 
 
+def _probe_sample(docs: list[str], limit: int = 1 << 16) -> list[str]:
+    """The corpus's first documents, cut to ~64 KB: checked against tokenizers each run."""
+    out, n = [], 0
+    for d in docs:
+        out.append(d[: limit - n])
+        n += len(out[-1])
+        if n >= limit:
+            break
+    return out
+
+
 def choose_encoder(info: TokenizerInfo, tok, sample_docs: list[str], mode: str) -> bool:
     """True to use the tiktoken fast path: only if it encodes the probe and sample equally."""
     if mode == "tokenizers":
@@ -220,7 +231,7 @@ def preprocess(
     dtype = token_dtype_for(info.vocab_size)
     chunks = iter_chunks(files, txt_split, text_key, shard)
     first = next(chunks, None)
-    sample = parse_chunk(first, text_key, True)[0][:256] if first is not None else []
+    sample = _probe_sample(parse_chunk(first, text_key, True)[0] if first is not None else [])
     fast = choose_encoder(info, tok, sample, encoder)
     enc_name = "tiktoken" if fast else "tokenizers"
     log.info("preprocess: %d file(s), encoder %s, dtype %s", len(files), enc_name, dtype.__name__)
