@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,20 +203,24 @@ def _parquet_chunks(path: str, text_key: str) -> Iterator[Chunk]:
         row += len(texts)
 
 
+_JSON = json.JSONDecoder()
+
+
 class BadDocument(ZeroLLMError):
     """One document cannot be read (bad JSON, missing field, invalid UTF-8)."""
 
 
-def _where(chunk: Chunk, data: bytes, at: int) -> str:
+def _where(chunk: Chunk, whole: str | None, at: int) -> str:
+    """Where record `at` is: a row, or a byte offset (`at` counts chars when `whole` is set)."""
     if chunk.kind == "texts":
         return f"{chunk.path}: row {chunk.offset + at}"
+    if whole is not None:
+        at = len(whole[:at].encode("utf-8"))
     return f"{chunk.path}: record at byte {chunk.offset + at}"
 
 
 def parse_chunk(chunk: Chunk, text_key: str, skip_bad: bool) -> tuple[list[str], dict]:
     """Documents of a chunk, and counts of what was skipped (blank lines, bad records)."""
-    import json
-
     counts = {"blank_lines": 0, "bad_records": 0}
     docs: list[str] = []
 
@@ -227,9 +232,9 @@ def parse_chunk(chunk: Chunk, text_key: str, skip_bad: bool) -> tuple[list[str],
     if chunk.kind == "texts":
         for j, t in enumerate(chunk.data):
             if not isinstance(t, str):
-                bad(f"{_where(chunk, b'', j)}: {text_key!r} is {type(t).__name__}, not text")
+                bad(f"{_where(chunk, None, j)}: {text_key!r} is {type(t).__name__}, not text")
             elif not _encodable(t):
-                bad(f"{_where(chunk, b'', j)}: text is not valid Unicode (lone surrogate)")
+                bad(f"{_where(chunk, None, j)}: text is not valid Unicode (lone surrogate)")
             else:
                 docs.append(t)
         return docs, counts
@@ -249,15 +254,21 @@ def parse_chunk(chunk: Chunk, text_key: str, skip_bad: bool) -> tuple[list[str],
                     docs.append(text)
             at += len(part) + 2
         return docs, counts
-    at = 0
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
+    try:  # one C-speed decode for the whole chunk; per line only to locate an error
+        whole: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:
+        whole = None
+    lines = whole.split("\n") if whole is not None else data.split(b"\n")
+    if lines and not lines[-1]:
         lines.pop()
+    at = 0
+    decode = _JSON.decode
     for line in lines:
-        here = at
+        here = at  # chars when `whole` decoded, else bytes; see _byte_at for messages
         at += len(line) + 1
         if chunk.kind == "txt-line":
-            text = _decode(chunk, line.rstrip(b"\r"), here, bad)
+            line = line.rstrip("\r" if whole is not None else b"\r")
+            text = line if whole is not None else _decode(chunk, line, here, bad)
             if text:
                 docs.append(text)
             continue
@@ -265,21 +276,22 @@ def parse_chunk(chunk: Chunk, text_key: str, skip_bad: bool) -> tuple[list[str],
             counts["blank_lines"] += 1
             continue
         try:
-            obj = json.loads(line)
+            obj = decode(line if whole is not None else line.decode("utf-8"))
         except UnicodeDecodeError:
-            bad(f"{_where(chunk, data, here)}: invalid UTF-8")
+            bad(f"{_where(chunk, whole, here)}: invalid UTF-8")
             continue
         except ValueError as e:
-            bad(f"{_where(chunk, data, here)}: not valid JSON ({e})")
+            bad(f"{_where(chunk, whole, here)}: not valid JSON ({e})")
             continue
         if not isinstance(obj, dict) or text_key not in obj:
-            bad(f"{_where(chunk, data, here)}: no {text_key!r} field (field: --text-key)")
+            bad(f"{_where(chunk, whole, here)}: no {text_key!r} field (field: --text-key)")
             continue
         t = obj[text_key]
         if not isinstance(t, str):
-            bad(f"{_where(chunk, data, here)}: {text_key!r} is {type(t).__name__}, not text")
-        elif not _encodable(t):
-            bad(f"{_where(chunk, data, here)}: text holds a lone surrogate (invalid Unicode)")
+            bad(f"{_where(chunk, whole, here)}: {text_key!r} is {type(t).__name__}, not text")
+        elif (whole is None or "\\u" in line) and not _encodable(t):
+            # only a JSON \\udXXX escape can put a lone surrogate into valid UTF-8
+            bad(f"{_where(chunk, whole, here)}: text holds a lone surrogate (invalid Unicode)")
         else:
             docs.append(t)
     return docs, counts
@@ -297,7 +309,7 @@ def _decode(chunk: Chunk, data: bytes, at: int, bad) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        bad(f"{_where(chunk, data, at + e.start)}: invalid UTF-8")
+        bad(f"{_where(chunk, None, at + e.start)}: invalid UTF-8")
         return None
 
 
