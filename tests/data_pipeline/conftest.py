@@ -38,11 +38,22 @@ def stdlib_docs(n: int = 40) -> list[str]:
     return docs
 
 
-def write_jsonl(path: Path, texts: list, key: str = "text") -> Path:
+def _write_jsonl(path: Path, texts: list, key: str = "text") -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for t in texts:
             f.write(json.dumps({key: t}) + "\n")
     return path
+
+
+@pytest.fixture
+def write_jsonl():
+    """write_jsonl(path, texts) -> path: one {"text": ...} line per text."""
+    return _write_jsonl
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    return need_shared("tinyshakespeare.txt")
 
 
 @pytest.fixture(scope="session")

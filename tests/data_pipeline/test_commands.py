@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.data_pipeline.conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 
 def zerollm(*args: str) -> subprocess.CompletedProcess:

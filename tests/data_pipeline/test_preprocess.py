@@ -10,7 +10,6 @@ import pytest
 
 from data_pipeline.indexed import MMapIndexedDataset, read_meta
 from data_pipeline.preprocess import preprocess
-from tests.data_pipeline.conftest import need_shared, write_jsonl
 from train.errors import ZeroLLMError
 
 
@@ -49,7 +48,7 @@ TRICKY = [
 
 
 @pytest.mark.parametrize("encoder,workers", [("tiktoken", 2), ("tokenizers", 1)])
-def test_jsonl_output_is_byte_identical_to_megatron(tmp_path, tok_dir, corpus_docs, encoder, workers):
+def test_jsonl_output_is_byte_identical_to_megatron(tmp_path, tok_dir, corpus_docs, encoder, workers, write_jsonl):
     texts = corpus_docs[:12] + TRICKY
     src = write_jsonl(tmp_path / "in.jsonl", texts)
     r = preprocess([str(src)], str(tok_dir), str(tmp_path / "out"), workers=workers, encoder=encoder, progress=False)
@@ -68,7 +67,7 @@ def test_jsonl_output_is_byte_identical_to_megatron(tmp_path, tok_dir, corpus_do
     ]  # no temp files left
 
 
-def test_small_chunks_and_many_workers_change_nothing(tmp_path, tok_dir, corpus_docs, monkeypatch):
+def test_small_chunks_and_many_workers_change_nothing(tmp_path, tok_dir, corpus_docs, monkeypatch, write_jsonl):
     import data_pipeline.sources as sources
 
     texts = corpus_docs[:20]
@@ -80,7 +79,7 @@ def test_small_chunks_and_many_workers_change_nothing(tmp_path, tok_dir, corpus_
         assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
 
 
-def test_shards_merge_back_to_the_unsharded_output(tmp_path, tok_dir, corpus_docs):
+def test_shards_merge_back_to_the_unsharded_output(tmp_path, tok_dir, corpus_docs, write_jsonl):
     from data_pipeline.indexed import merge_datasets
 
     texts = corpus_docs[:30] + TRICKY
@@ -99,7 +98,7 @@ def test_shards_merge_back_to_the_unsharded_output(tmp_path, tok_dir, corpus_doc
         assert (tmp_path / f"merged.{ext}").read_bytes() == (tmp_path / f"full.{ext}").read_bytes()
 
 
-def test_valid_split_partitions_documents(tmp_path, tok_dir, corpus_docs):
+def test_valid_split_partitions_documents(tmp_path, tok_dir, corpus_docs, write_jsonl):
     texts = corpus_docs[:40]
     src = write_jsonl(tmp_path / "in.jsonl", texts)
     r = preprocess([str(src)], str(tok_dir), str(tmp_path / "c"), valid_fraction=0.25, workers=2, progress=False)
@@ -137,8 +136,8 @@ def test_txt_and_parquet_inputs(tmp_path, tok_dir):
     assert r.documents == 3 and len(MMapIndexedDataset(tmp_path / "p")) == 2
 
 
-def test_tinyshakespeare_txt(tmp_path, tok_dir):
-    src = need_shared("tinyshakespeare.txt")
+def test_tinyshakespeare_txt(tmp_path, tok_dir, shakespeare):
+    src = shakespeare
     r = preprocess([str(src)], str(tok_dir), str(tmp_path / "ts"), workers=2, progress=False)
     ds = MMapIndexedDataset(tmp_path / "ts")
     assert r.encoder == "tiktoken" and len(ds) == r.documents > 7000
@@ -175,7 +174,7 @@ def test_skip_bad_documents_counts_them(tmp_path, tok_dir):
     assert r.documents == 2
 
 
-def test_tokenizer_without_eos_is_refused(tmp_path, tok_dir):
+def test_tokenizer_without_eos_is_refused(tmp_path, tok_dir, write_jsonl):
     import shutil
 
     bad = tmp_path / "tok"
