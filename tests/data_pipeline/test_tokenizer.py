@@ -117,3 +117,14 @@ def _cached_fast(path) -> FastEncoder:
     if key not in _HF:
         _HF[key] = FastEncoder(_fast_spec(json.loads((path / "tokenizer.json").read_text())))
     return _HF[key]
+
+
+def test_training_sample_is_seeded_and_bounded(tmp_path):
+    from data_pipeline.training_corpus import training_texts
+
+    src = tmp_path / "c.txt"
+    src.write_text("\n\n".join(f"document number {i} " * 20 for i in range(300)))
+    take = lambda seed: list(training_texts([str(src)], max_mb=0.02, seed=seed)[0])  # noqa: E731
+    a, b, c = take(1), take(1), take(2)
+    assert a == b and a != c
+    assert 0.02e6 <= sum(len(x) for x in a) < 0.02e6 + 500
