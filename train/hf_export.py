@@ -53,6 +53,7 @@ def hf_config(cfg: ModelConfig, **token_ids: Any):
     from transformers import GPT2Config, LlamaConfig
 
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+    token_ids = {"bos_token_id": None, "eos_token_id": None, **token_ids}  # not HF's defaults (50256; 1, 2)
     if hf_style(cfg) == "gpt2":
         return GPT2Config(
             n_positions=cfg.max_seq_len,
