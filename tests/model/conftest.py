@@ -12,9 +12,15 @@ LLAMA_STYLE = dict(
 )
 
 
-def tiny(style: str, **overrides) -> ModelConfig:
+def make_tiny(style: str, **overrides) -> ModelConfig:
     """The tiny preset as GPT-2 style or Llama style (GQA 4 heads / 2 kv heads, untied head)."""
     return from_name("tiny", **({**LLAMA_STYLE, **overrides} if style == "llama" else overrides))
+
+
+@pytest.fixture
+def tiny():
+    """make_tiny(style, **overrides) -> ModelConfig."""
+    return make_tiny
 
 
 @pytest.fixture(params=["gpt2", "llama"])

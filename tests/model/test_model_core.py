@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tests.model.conftest import tiny
 from train.errors import ZeroLLMError
 from train.model import PRESETS, CustomLanguageModel, ModelConfig, from_name
 
 
-def test_shapes_and_loss_match_cross_entropy(style):
+def test_shapes_and_loss_match_cross_entropy(style, tiny):
     cfg = tiny(style)
     model = CustomLanguageModel(cfg)
     idx = torch.randint(0, cfg.vocab_size, (3, 20))
@@ -32,7 +31,7 @@ def test_shapes_and_loss_match_cross_entropy(style):
     assert model(idx)[1] is None
 
 
-def test_changing_a_future_token_changes_no_earlier_logit(style):
+def test_changing_a_future_token_changes_no_earlier_logit(style, tiny):
     model = CustomLanguageModel(tiny(style)).eval()
     idx = torch.randint(0, 512, (2, 24))
     changed = idx.clone()
@@ -42,7 +41,7 @@ def test_changing_a_future_token_changes_no_earlier_logit(style):
     assert not torch.allclose(a[:, 15:], b[:, 15:])
 
 
-def test_packed_row_logits_equal_each_document_alone(style):
+def test_packed_row_logits_equal_each_document_alone(style, tiny):
     model = CustomLanguageModel(tiny(style)).eval()
     lengths = [7, 12, 5]
     docs = [torch.randint(0, 512, (1, n)) for n in lengths]
@@ -54,7 +53,7 @@ def test_packed_row_logits_equal_each_document_alone(style):
     assert not torch.allclose(model(row)[0][:, 7:], alone[:, 7:], atol=1e-3)  # without doc_ids they mix
 
 
-def test_explicit_position_ids_equal_derived_ones(style):
+def test_explicit_position_ids_equal_derived_ones(style, tiny):
     model = CustomLanguageModel(tiny(style)).eval()
     row = torch.randint(0, 512, (2, 10))
     doc_ids = torch.tensor([[0] * 4 + [1] * 6, [3] * 10])
@@ -62,7 +61,7 @@ def test_explicit_position_ids_equal_derived_ones(style):
     torch.testing.assert_close(model(row, doc_ids=doc_ids)[0], model(row, doc_ids=doc_ids, position_ids=pos)[0])
 
 
-def test_gqa_equals_full_attention_with_repeated_kv_heads():
+def test_gqa_equals_full_attention_with_repeated_kv_heads(tiny):
     gqa = CustomLanguageModel(tiny("llama", n_kv_head=2)).eval()
     full = CustomLanguageModel(tiny("llama", n_kv_head=4)).eval()
     sd = gqa.state_dict()
@@ -77,7 +76,7 @@ def test_gqa_equals_full_attention_with_repeated_kv_heads():
     torch.testing.assert_close(gqa(idx)[0], full(idx)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_kv_heads_equal_heads_is_plain_multi_head_attention():
+def test_kv_heads_equal_heads_is_plain_multi_head_attention(tiny):
     a = CustomLanguageModel(tiny("llama", n_kv_head=4)).eval()
     b = CustomLanguageModel(tiny("llama", n_kv_head=None)).eval()
     b.load_state_dict(a.state_dict())
@@ -85,7 +84,7 @@ def test_kv_heads_equal_heads_is_plain_multi_head_attention():
     torch.testing.assert_close(a(idx)[0], b(idx)[0])
 
 
-def test_tied_weights_are_one_tensor_and_untied_are_two():
+def test_tied_weights_are_one_tensor_and_untied_are_two(tiny):
     tied = CustomLanguageModel(tiny("gpt2"))
     assert tied.lm_head.weight is tied.wte.weight
     assert len({id(p) for p in tied.parameters()}) == len(list(tied.parameters()))
@@ -98,7 +97,7 @@ def test_tied_weights_are_one_tensor_and_untied_are_two():
     assert untied.lm_head.weight is not untied.wte.weight
 
 
-def test_padded_vocab_gives_the_same_logits_and_never_exposes_padded_ids(style):
+def test_padded_vocab_gives_the_same_logits_and_never_exposes_padded_ids(style, tiny):
     plain = CustomLanguageModel(tiny(style, vocab_size=500)).eval()
     padded = CustomLanguageModel(tiny(style, vocab_size=500, pad_vocab_multiple=64)).eval()
     assert padded.wte.weight.shape[0] == 512 and padded.cfg.padded_vocab_size == 512
@@ -116,7 +115,7 @@ def test_padded_vocab_gives_the_same_logits_and_never_exposes_padded_ids(style):
     assert int(out.max()) < 500
 
 
-def test_activation_checkpointing_runs_every_block_and_keeps_gradients(style):
+def test_activation_checkpointing_runs_every_block_and_keeps_gradients(style, tiny):
     cfg = tiny(style)
     model = CustomLanguageModel(cfg)
     idx, tgt = torch.randint(0, 512, (2, 12)), torch.randint(0, 512, (2, 12))
@@ -142,7 +141,7 @@ def test_activation_checkpointing_runs_every_block_and_keeps_gradients(style):
     assert CustomLanguageModel(cfg).checkpoint_fn is None
 
 
-def test_dropout_is_active_only_in_training():
+def test_dropout_is_active_only_in_training(tiny):
     model = CustomLanguageModel(tiny("gpt2", dropout=0.5))
     idx = torch.randint(0, 512, (1, 8))
     assert not torch.allclose(model(idx)[0], model(idx)[0])
@@ -150,7 +149,7 @@ def test_dropout_is_active_only_in_training():
     torch.testing.assert_close(model(idx)[0], model(idx)[0])
 
 
-def test_gpt2_init_scales_residual_projections():
+def test_gpt2_init_scales_residual_projections(tiny):
     model = CustomLanguageModel(tiny("gpt2", n_layer=8, d_model=128, vocab_size=4096))
     assert abs(model.wte.weight.std().item() - 0.02) < 0.001
     assert abs(model.blocks[0].attn.c_attn.weight.std().item() - 0.02) < 0.001

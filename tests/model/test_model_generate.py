@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.model.conftest import tiny
 from train.hf_export import export_hf
 from train.model import CustomLanguageModel, sample_next
 
@@ -26,7 +25,7 @@ def _naive_greedy(model: CustomLanguageModel, idx: torch.Tensor, n: int) -> torc
     return idx
 
 
-def test_kv_cache_greedy_equals_no_cache_greedy_on_a_left_padded_batch(style):
+def test_kv_cache_greedy_equals_no_cache_greedy_on_a_left_padded_batch(style, tiny):
     model = CustomLanguageModel(tiny(style)).eval()
     idx, mask = _left_pad([torch.randint(1, 512, (n,)) for n in (3, 9, 6)])
     cached = model.generate(idx, 20, temperature=0, attention_mask=mask)
@@ -35,7 +34,7 @@ def test_kv_cache_greedy_equals_no_cache_greedy_on_a_left_padded_batch(style):
     assert torch.equal(cached, plain)
 
 
-def test_left_padded_rows_equal_each_prompt_alone_and_a_naive_loop(style):
+def test_left_padded_rows_equal_each_prompt_alone_and_a_naive_loop(style, tiny):
     model = CustomLanguageModel(tiny(style)).eval()
     prompts = [torch.randint(1, 512, (n,)) for n in (4, 11)]
     idx, mask = _left_pad(prompts)
@@ -46,7 +45,7 @@ def test_left_padded_rows_equal_each_prompt_alone_and_a_naive_loop(style):
         assert torch.equal(alone, _naive_greedy(model, p[None], 12))
 
 
-def test_rows_stop_at_the_eos_token():
+def test_rows_stop_at_the_eos_token(tiny):
     model = CustomLanguageModel(tiny("gpt2")).eval()
     idx = torch.randint(1, 512, (2, 5))
     free = model.generate(idx, 10, temperature=0)
@@ -62,7 +61,7 @@ def test_rows_stop_at_the_eos_token():
     assert single.shape[1] == first + 1  # stops as soon as every row has finished
 
 
-def test_sampling_filters_and_is_reproducible(style):
+def test_sampling_filters_and_is_reproducible(style, tiny):
     model = CustomLanguageModel(tiny(style)).eval()
     idx = torch.randint(1, 512, (2, 4))
     greedy = model.generate(idx, 8, temperature=0)
@@ -83,7 +82,7 @@ def test_sample_next_top_k_and_top_p_keep_the_right_support():
     assert set(sample_next(logits, generator=g).tolist()) == {0, 1, 2, 3}
 
 
-def test_greedy_generate_equals_transformers_generate(tmp_path):
+def test_greedy_generate_equals_transformers_generate(tmp_path, tiny):
     cfg = tiny("llama")
     model = CustomLanguageModel(cfg).eval()
     export_hf(model, cfg, tmp_path / "hf")

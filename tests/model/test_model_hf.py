@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from tests.model.conftest import tiny
 from train.errors import ZeroLLMError
 from train.hf_export import export_hf, import_hf
 from train.model import CustomLanguageModel, from_name
@@ -32,7 +31,7 @@ def _randomize(model: CustomLanguageModel) -> CustomLanguageModel:
         ("llama", dict(bias=True, tie_embeddings=True, n_kv_head=1, pad_vocab_multiple=64, vocab_size=500)),
     ],
 )
-def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, style, overrides):
+def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, style, overrides, tiny):
     cfg = tiny(style, **overrides)
     model = _randomize(CustomLanguageModel(cfg))
     export_hf(model, cfg, tmp_path / "hf")
@@ -84,7 +83,7 @@ def test_imported_transformers_model_gives_equal_logits(tmp_path, style):
     torch.testing.assert_close(from_dir.eval()(idx)[0], theirs, rtol=0, atol=1e-5)
 
 
-def test_export_import_round_trip_keeps_weights_and_copies_tokenizer(tmp_path):
+def test_export_import_round_trip_keeps_weights_and_copies_tokenizer(tmp_path, tiny):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,7 +102,7 @@ def test_export_import_round_trip_keeps_weights_and_copies_tokenizer(tmp_path):
     assert cfg2.n_kv_head == cfg.n_kv_head and cfg2.rope_theta == cfg.rope_theta
 
 
-def test_bf16_export_keeps_dtype(tmp_path):
+def test_bf16_export_keeps_dtype(tmp_path, tiny):
     cfg = tiny("gpt2")
     model = CustomLanguageModel(cfg).to(torch.bfloat16)
     export_hf(model, cfg, tmp_path / "hf")
@@ -111,7 +110,7 @@ def test_bf16_export_keeps_dtype(tmp_path):
     assert hf.transformer.wte.weight.dtype == torch.bfloat16
 
 
-def test_mixed_style_export_is_refused_before_writing(tmp_path):
+def test_mixed_style_export_is_refused_before_writing(tmp_path, tiny):
     cfg = from_name("tiny", pos_emb="rope")  # rope with LayerNorm/GELU: no HF class
     with pytest.raises(ZeroLLMError, match="no Hugging Face class"):
         export_hf(CustomLanguageModel(cfg), cfg, tmp_path / "hf")
