@@ -195,7 +195,8 @@ def choose_encoder(info: TokenizerInfo, tok, sample_docs: list[str], mode: str) 
     ok = False
     if fast is not None:
         probe = [T.PROBE_TEXT, *T.PROBE_TEXT.split("\n"), *sample_docs]
-        ok = fast.encode_batch(probe) == [e.ids for e in tok.encode_batch(probe)]
+        # one text at a time: encode_batch would start tokenizers threads before the fork
+        ok = fast.encode_batch(probe) == [tok.encode(t).ids for t in probe]
     if mode == "tiktoken" and not ok:
         raise ZeroLLMError(
             f"{info.path}: --encoder tiktoken asked for, but the fast path is not exactly "

@@ -186,3 +186,21 @@ def test_tokenizer_without_eos_is_refused(tmp_path, tok_dir, write_jsonl):
     src = write_jsonl(tmp_path / "in.jsonl", ["x"])
     with pytest.raises(ZeroLLMError, match="eos_token"):
         preprocess([str(src)], str(bad), str(tmp_path / "o"), progress=False)
+
+
+def test_falls_back_to_tokenizers_when_the_fast_path_is_not_equivalent(tmp_path, tok_dir, write_jsonl):
+    import shutil
+
+    other = tmp_path / "nfc"  # a normalizer: tiktoken cannot reproduce it
+    shutil.copytree(tok_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "NFKC"}
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    texts = ["ﬁne ½ café e\u0301", "plain"]
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+    r = preprocess([str(src)], str(other), str(tmp_path / "o"), workers=2, progress=False)
+    assert r.encoder == "tokenizers" and read_meta(tmp_path / "o")["encoder"] == "tokenizers"
+    bin_, idx = megatron_reference(texts, other)
+    assert (tmp_path / "o.bin").read_bytes() == bin_ and (tmp_path / "o.idx").read_bytes() == idx
+    with pytest.raises(ZeroLLMError, match="not exactly equivalent"):
+        preprocess([str(src)], str(other), str(tmp_path / "p"), encoder="tiktoken", progress=False)
