@@ -142,11 +142,17 @@ class GPTDataset:
         if not 0 <= i < self.length:
             raise IndexError(f"sample {i} out of range [0, {self.length})")
         j = int(self.shuffle[i])
-        p0, o0 = int(self.sample_pos[j]), int(self.sample_off[j])
-        if p0 == int(self.sample_pos[j + 1]):  # inside one document (common): one slice
-            s = int(self._tok_off[self.doc_order[p0]]) + o0
-            return self._bin[s : s + self.seq_len + 1].astype(np.int64)
-        return self._read_many(np.array([j], np.int64))[0]
+        p, o = int(self.sample_pos[j]), int(self.sample_off[j])
+        n = self.seq_len + 1
+        out = np.empty(n, np.int64)
+        filled = 0
+        while filled < n:  # document p from offset o, then the next ones from their start
+            d = self.doc_order[p]
+            take = min(int(self.indexed.sizes[d]) - o, n - filled)
+            s = int(self._tok_off[d]) + o
+            out[filled : filled + take] = self._bin[s : s + take]
+            filled, p, o = filled + take, p + 1, 0
+        return out
 
     def get_batch(self, indices) -> np.ndarray:
         """Samples `indices` as one (len(indices), seq_len + 1) int64 array."""
