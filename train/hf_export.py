@@ -8,9 +8,9 @@ style (RoPE, RMSNorm, SwiGLU, GQA) to LlamaForCausalLM; a mixed style has no HF 
 refused. The weights are renamed, never changed, so logits match to float rounding:
 
 - GPT-2 keeps weights in `Conv1D` layout (in, out): our `nn.Linear` weights are transposed.
-- Llama has separate q/k/v and gate/up projections: our fused `c_attn` ([q | k | v] rows) and
-  `c_fc` ([gate | up] rows) are split. Our RoPE already uses HF's rotate_half layout, so q/k
-  need no permutation.
+- Llama has separate q/k/v projections: our fused `c_attn` ([q | k | v] rows) is split; our
+  SwiGLU `c_fc` / `c_up` / `c_proj` are its gate_proj / up_proj / down_proj. Our RoPE already
+  uses HF's rotate_half layout, so q/k need no permutation.
 - Padded vocabulary rows are dropped on export and zero-filled on import (they never reach the
   logits either way). A tied head is written once, as HF does.
 """
@@ -180,8 +180,8 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), parts):
                     out[f"{h}self_attn.{name}.{kind}"] = part
                 out[f"{h}self_attn.o_proj.{kind}"] = sd[f"{o}attn.c_proj.{kind}"]
-                gate, up = sd[f"{o}mlp.c_fc.{kind}"].chunk(2, dim=0)
-                out[f"{h}mlp.gate_proj.{kind}"], out[f"{h}mlp.up_proj.{kind}"] = gate, up
+                out[f"{h}mlp.gate_proj.{kind}"] = sd[f"{o}mlp.c_fc.{kind}"]
+                out[f"{h}mlp.up_proj.{kind}"] = sd[f"{o}mlp.c_up.{kind}"]
                 out[f"{h}mlp.down_proj.{kind}"] = sd[f"{o}mlp.c_proj.{kind}"]
         out["model.norm.weight"] = sd["ln_f.weight"]
     if not cfg.tie_embeddings:
@@ -224,7 +224,8 @@ def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 out[f"{o}attn.c_attn.{kind}"] = torch.cat([sd[f"{a}{n}_proj.{kind}"] for n in "qkv"])
                 out[f"{o}attn.c_proj.{kind}"] = sd[f"{a}o_proj.{kind}"]
                 m = h + "mlp."
-                out[f"{o}mlp.c_fc.{kind}"] = torch.cat([sd[f"{m}gate_proj.{kind}"], sd[f"{m}up_proj.{kind}"]])
+                out[f"{o}mlp.c_fc.{kind}"] = sd[f"{m}gate_proj.{kind}"]
+                out[f"{o}mlp.c_up.{kind}"] = sd[f"{m}up_proj.{kind}"]
                 out[f"{o}mlp.c_proj.{kind}"] = sd[f"{m}down_proj.{kind}"]
         out["ln_f.weight"] = sd["model.norm.weight"]
         head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])

@@ -240,22 +240,26 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (Shazeer 2020; Llama) with gate and up in one matmul."""
+    """GELU MLP (GPT-2) or SwiGLU (Shazeer 2020; Llama): c_proj(silu(c_fc(x)) * c_up(x)).
+
+    Gate and up stay two matmuls: fused into one (d -> 2*hidden) they ran up to 1.7x slower in
+    CPU decoding (batch 4, llama-125m) and no faster in training (benchmarks/bench_model.py).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.ffn_dim
-        self.c_fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)  # [gate | up]
+        self.c_fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # GELU's in-projection, or SwiGLU's gate
+        self.c_up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if self.swiglu else None
         self.c_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden or 2*hidden)
+        h = self.c_fc(x)  # (B, T, hidden)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(h) * self.c_up(x)
         else:
             h = F.gelu(h, approximate="tanh")  # HF "gelu_new"
         return self.dropout(self.c_proj(h))
