@@ -134,7 +134,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _fault(point: str, rank: int, step: int) -> None:
+def fault_point(point: str, rank: int, step: int) -> None:
     """Test hook: ZEROLLM_FAULT=point:rank:step SIGKILLs that rank at that point."""
     spec = os.environ.get("ZEROLLM_FAULT", "")
     if spec == f"{point}:{rank}:{step}":
@@ -171,7 +171,7 @@ class Checkpointer:
             tmp.mkdir()
         dist.barrier()  # also: never start a save on a broken process group
         engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={"zerollm": state}, save_latest=False)
-        _fault("in_save", self.rank, step)
+        fault_point("in_save", self.rank, step)
         side = tmp / f"zerollm_rank{self.rank:05d}.pt"
         buf = _torch_bytes(rng_state())
         write_atomic(side, buf)
@@ -262,7 +262,8 @@ class Checkpointer:
         manifest = json.loads((folder / MANIFEST).read_text())
         saved_world = manifest["world_size"]
         load_dir, tag = self.dir, folder.name
-        if saved_world != self.world_size:
+        sharded = any(folder.glob("*zero_pp_rank_*"))  # ZeRO / bf16 optimizer shards per rank
+        if saved_world != self.world_size and sharded:
             universal = folder.with_name(folder.name + "_universal")
             if not self.is_complete(universal):
                 raise ZeroLLMError(

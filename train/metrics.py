@@ -55,7 +55,7 @@ class Metrics:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, plot: bool = True) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
@@ -63,7 +63,8 @@ class Metrics:
         if self.tb is not None:
             self.tb.close()
         self.file.close()
-        plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        if plot:
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

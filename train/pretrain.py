@@ -149,7 +149,7 @@ def check_resume_compatible(state: dict[str, Any], cfg: RunConfig, data: Data, w
 
 def micro_batches(dataset, indices: list[list[int]]) -> list[torch.Tensor]:
     """Global sample indices -> (mb, seq_len + 1) int64 tensors."""
-    return [torch.from_numpy(np.stack([dataset[i] for i in idx]).astype(np.int64)) for idx in indices]
+    return [torch.from_numpy(dataset.get_batch(idx)) for idx in indices]
 
 
 def nan_injected(step: int, rank: int) -> bool:
@@ -182,6 +182,7 @@ def evaluate(engine, dataset, cfg: RunConfig, rank: int, world: int) -> tuple[fl
 def train(engine, cfg: RunConfig, data: Data, ckpt, state: dict[str, Any], stop: GracefulStop, metrics) -> int:
     """The loop: lr, eval/checkpoint when due, micro steps, optimizer step, log."""
     from data_pipeline.sampler import DistributedSampler
+    from train.checkpoint import fault_point
     from train.engine import EXIT_BAD_LOSS, EXIT_PREEMPTED, all_reduce_sum, set_lr
     from train.schedule import lr_at
 
@@ -220,6 +221,7 @@ def train(engine, cfg: RunConfig, data: Data, ckpt, state: dict[str, Any], stop:
                 if any_bad and plain_optimizer:
                     engine.optimizer.zero_grad(set_to_none=True)  # torch AdamW skips None grads
             engine.step()  # the optimizer update happens at the accumulation boundary
+        fault_point("step", rank, step + 1)
         total_loss, _ = all_reduce_sum([loss_sum, 0.0])
         rank_log.write({"step": step + 1, "loss_local": loss_sum / max(1, local_tokens)})
         state["step"] = step + 1
@@ -259,7 +261,8 @@ def train(engine, cfg: RunConfig, data: Data, ckpt, state: dict[str, Any], stop:
         if data.valid is not None and t.eval_interval and state["step"] % t.eval_interval == 0:
             eval_loss, ppl = evaluate(engine, data.valid, cfg, rank, world)
             metrics.log(state["step"], {"eval_loss": eval_loss, "eval_ppl": ppl})
-        if (t.save_interval and state["step"] % t.save_interval == 0) or state["step"] == t.max_steps:
+        due = (t.save_interval and state["step"] % t.save_interval == 0) or state["step"] == t.max_steps
+        if due and not any_bad:  # only checkpoints after a good step count as good
             ckpt.save(engine, state["step"], state)
     return 0
 
@@ -388,10 +391,11 @@ def run(args: argparse.Namespace) -> int:
             ds.get("zero_optimization", {}).get("stage", 0),
         )
     metrics = Metrics(cfg.logging.run_dir, rank == 0, cfg.logging.tensorboard, cfg.train.max_steps, state["step"])
+    code = 1
     try:
         code = train(engine, cfg, data, ckpt, state, stop, metrics)
     finally:
-        metrics.close()
+        metrics.close(plot=code == 0)
     return code
 
 
