@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.indexed import MMapIndexedDataset, idx_path, read_meta
+from data_pipeline.indexed import MMapIndexedDataset, dataset_vocab_size, idx_path, read_meta
 from train.errors import ZeroLLMError
 
 log = logging.getLogger(__name__)
+__all__ = ["BlendedDataset", "GPTDataset", "build_dataset", "dataset_vocab_size", "parse_blend"]
 
 INDEX_VERSION = 1
 MIN_BLOCK, MAX_BLOCK = 1 << 16, 1 << 20  # samples per shuffle block
@@ -331,7 +332,7 @@ def build_dataset(
     cache_dir: str | None = None,
 ):
     """A GPTDataset for `[prefix]`, a BlendedDataset for `[w, prefix, w, prefix, ...]`."""
-    prefixes, weights = parse_blend(list(spec))
+    prefixes, weights = parse_blend([spec] if isinstance(spec, str | Path) else list(spec))
     if len(prefixes) == 1:
         return GPTDataset(prefixes[0], seq_len, num_samples, seed, cache_dir)
     return BlendedDataset(prefixes, weights, seq_len, num_samples, seed, cache_dir)
