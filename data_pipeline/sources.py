@@ -5,7 +5,8 @@ Documents:
     (default "text"); blank lines are skipped and counted.
   - `.parquet`: the `--text-key` column, one row = one document.
   - `.txt` / anything else: `--txt-split blank-line` (default: documents are separated
-    by one or more empty lines), `line` (one document per line) or `file` (whole file).
+    by one or more blank lines, i.e. lines holding only spaces, tabs or CR), `line`
+    (one document per line) or `file` (whole file).
 
 Chunks are raw byte blocks cut at record boundaries (decoded and parsed by the worker
 that encodes them), so the reading process does almost no work.
@@ -22,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from pathlib import Path
 from train.errors import ZeroLLMError
 
 BLOCK = 1 << 20  # bytes per chunk
+_BLANK = re.compile(rb"\n[ \t\r]*\n")  # a blank line (may hold spaces, tabs, CR)
+_BLANKS = re.compile(rb"\n(?:[ \t\r]*\n)+")  # one or more: a document separator
 JSONL_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 TXT_SPLITS = ("blank-line", "line", "file")
 
@@ -153,12 +157,23 @@ def _blank_line_blocks(path: str) -> Iterator[tuple[int, bytes]]:
             data = carry + block
             first = pos - len(carry)
             pos += len(block)
-            cut = data.rfind(b"\n\n")
+            cut = _last_blank_line_end(data)
             if cut < 0:
                 carry = data
                 continue
-            yield first, data[: cut + 2]
-            carry = data[cut + 2 :]
+            yield first, data[:cut]
+            carry = data[cut:]
+
+
+def _last_blank_line_end(data: bytes) -> int:
+    """End of the last blank-line separator in `data` (a cut point), or -1."""
+    k = data.rfind(b"\n\n")
+    if k >= 0:
+        return k + 2
+    last = -1  # blank lines holding spaces, tabs or CR (e.g. CRLF files)
+    for m in _BLANK.finditer(data):
+        last = m.end()
+    return last
 
 
 def iter_chunks(
@@ -246,13 +261,14 @@ def parse_chunk(chunk: Chunk, text_key: str, skip_bad: bool) -> tuple[list[str],
         return docs, counts
     if chunk.kind == "txt-blank-line":
         at = 0
-        for part in data.split(b"\n\n"):
-            piece = part.strip(b"\n")
-            if piece:
+        for m in [*_BLANKS.finditer(data), None]:
+            end = len(data) if m is None else m.start()
+            piece = data[at:end].strip(b"\r\n")
+            if piece.strip():
                 text = _decode(chunk, piece, at, bad)
                 if text is not None:
                     docs.append(text)
-            at += len(part) + 2
+            at = end if m is None else m.end()
         return docs, counts
     try:  # one C-speed decode for the whole chunk; per line only to locate an error
         whole: str | None = data.decode("utf-8")

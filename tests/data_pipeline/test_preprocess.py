@@ -123,9 +123,12 @@ def test_txt_and_parquet_inputs(tmp_path, tok_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (tmp_path / "t.txt").write_text("first doc\nline two\n\n\n\nsecond doc\n\nthird\n")
+    (tmp_path / "t.txt").write_text("first doc\nline two\n\n\n\nsecond doc\n \t\nthird\n")
     r = preprocess([str(tmp_path / "t.txt")], str(tok_dir), str(tmp_path / "t"), workers=1, progress=False)
     assert r.documents == 3
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r\n\r\n\r\nthree\r\n")
+    r = preprocess([str(tmp_path / "crlf.txt")], str(tok_dir), str(tmp_path / "c"), workers=1, progress=False)
+    assert r.documents == 2
     ds = MMapIndexedDataset(tmp_path / "t")
     from transformers import AutoTokenizer
 
@@ -204,3 +207,18 @@ def test_falls_back_to_tokenizers_when_the_fast_path_is_not_equivalent(tmp_path,
     assert (tmp_path / "o.bin").read_bytes() == bin_ and (tmp_path / "o.idx").read_bytes() == idx
     with pytest.raises(ZeroLLMError, match="not exactly equivalent"):
         preprocess([str(src)], str(other), str(tmp_path / "p"), encoder="tiktoken", progress=False)
+
+
+def test_blank_line_txt_chunking_does_not_change_documents(tmp_path, tok_dir, monkeypatch):
+    import data_pipeline.sources as sources
+
+    cr = ["\r", "", ""]
+    text = "".join(f"para {i}\nline{cr[i % 3]}\n" + "\n" * (i % 4) for i in range(60))
+    (tmp_path / "t.txt").write_text(text, newline="")
+    preprocess([str(tmp_path / "t.txt")], str(tok_dir), str(tmp_path / "a"), workers=1, progress=False)
+    monkeypatch.setattr(sources, "BLOCK", 5)  # separators straddle every block edge
+    preprocess([str(tmp_path / "t.txt")], str(tok_dir), str(tmp_path / "b"), workers=1, progress=False)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    assert read_meta(tmp_path / "a")["documents"] == len([d for d in docs if d.strip("\r\n")])
