@@ -1,6 +1,6 @@
 """Find and signal the processes of one job on this node, by their ZEROLLM_JOB_ID.
 
-    python -m launch.jobctl JOB_ID SIGNAL [--ranks]   # e.g. JOB_ID TERM --ranks; JOB_ID KILL
+    python -m launch.jobctl JOB_ID SIGNAL [--ranks [--node N]]   # e.g. JOB_ID TERM --ranks; JOB_ID KILL
 
 `zerollm launch` runs this on every node (over pdsh) to forward a stop signal to the
 ranks themselves (not only to a launcher that may not pass it on) and, at the end, to
@@ -40,8 +40,9 @@ def _ppid(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def job_processes(job_id: str, ranks_only: bool = False) -> list[int]:
-    """Pids on this node whose environment carries ZEROLLM_JOB_ID=job_id."""
+def job_processes(job_id: str, ranks_only: bool = False, node: str = "") -> list[int]:
+    """Pids on this node whose environment carries ZEROLLM_JOB_ID=job_id (and, with
+    `node`, ranks of that node rank only: two "nodes" may share one machine)."""
     me = {os.getpid(), os.getppid()}
     found: dict[int, dict[str, str]] = {}
     for entry in Path("/proc").iterdir():
@@ -52,13 +53,13 @@ def job_processes(job_id: str, ranks_only: bool = False) -> list[int]:
             found[int(entry.name)] = env
     if not ranks_only:
         return sorted(found)
-    ranks = [p for p, env in found.items() if "LOCAL_RANK" in env]
+    ranks = [p for p, env in found.items() if "LOCAL_RANK" in env and (not node or env.get("CROSS_RANK") == node)]
     return sorted(p for p in ranks if _ppid(p) not in ranks)
 
 
-def signal_job(job_id: str, sig: int, ranks_only: bool = False) -> int:
+def signal_job(job_id: str, sig: int, ranks_only: bool = False, node: str = "") -> int:
     """Send `sig` to the job's processes (ranks first); return how many got it."""
-    pids = job_processes(job_id, ranks_only)
+    pids = job_processes(job_id, ranks_only, node)
     if sig == signal.SIGKILL:  # ranks first, so launchers do not start their own teardown
         ranks = set(job_processes(job_id, ranks_only=True))
         pids = sorted(pids, key=lambda p: p not in ranks)
@@ -77,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("job_id")
     p.add_argument("signal", help="TERM, USR1, KILL, CONT, ... or a number; 0 only counts")
     p.add_argument("--ranks", action="store_true", help="only the ranks, not their launchers")
+    p.add_argument("--node", default="", help="with --ranks: only ranks of this node rank (pdsh's %%n)")
     args = p.parse_args(argv)
     name = args.signal.upper().removeprefix("SIG")
     sig = int(name) if name.isdigit() else int(getattr(signal, f"SIG{name}"))
-    count = signal_job(args.job_id, sig, args.ranks)
+    count = signal_job(args.job_id, sig, args.ranks, args.node)
     print(f"jobctl {socket.gethostname()}: {args.signal} -> {count} process(es)", flush=True)
     return 0
 

@@ -111,7 +111,7 @@ def run_launch(args: argparse.Namespace) -> int:
         run_env["DS_ENV_FILE"] = str(env_file.resolve())
         run_env["PYTHONPATH"] = env["PYTHONPATH"]
     cmd = build_command(args, plan)
-    print(f"zerollm launch: world size {plan.world_size} on {', '.join(plan.active)}", flush=True)
+    print(f"zerollm launch: job {job_id}, world size {plan.world_size} on {', '.join(plan.active)}", flush=True)
     print(f"zerollm launch: {shlex.join(cmd)}", flush=True)
     if args.dry_run:
         return 0

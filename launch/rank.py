@@ -13,6 +13,7 @@ and reports the exit code to the supervisor.
 from __future__ import annotations
 
 import runpy
+import signal
 import sys
 
 from launch import watchdog
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         raise
     finally:
+        # The stage is done: a late or duplicate stop signal must not turn a clean exit
+        # (0, or 75 after a checkpoint) into death by signal during interpreter shutdown.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         watchdog.report_exit(code)
 
 

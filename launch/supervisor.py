@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from launch import jobctl
 from launch.watchdog import EXIT_PREEMPTED
+from launch.watchdog import HEARTBEAT_INTERVAL as BEAT
 
 log = logging.getLogger("zerollm.launch")
 
@@ -69,6 +70,7 @@ class Supervisor:
         self.failure: str | None = None
         self.seen: dict[int, dict] = {}  # rank -> last heartbeat message, with "seen" = monotonic time
         self.exits: dict[int, int] = {}
+        self.failing: tuple[float, str] | None = None  # (when, what) of the first error exit
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -108,6 +110,13 @@ class Supervisor:
                 self._forward(fwd)
             elif self.killed_at is None:
                 self._kill(f"second signal ({name}) while stopping: killing the job now", failed=False)
+        if self.failing is not None and self.killed_at is None and now - self.failing[0] > 3 * BEAT:
+            silent = [
+                f"rank {r} ({self._where(m)}) silent for {now - m['seen']:.0f} s (killed or frozen?)"
+                for r, m in sorted(self.seen.items())
+                if now - m["seen"] > 2.5 * BEAT
+            ]
+            self._kill("; ".join([self.failing[1], *silent]) + ": stopping the job")
         for rank, msg in list(self.seen.items()):
             silent = now - msg["seen"]
             if silent > self.heartbeat_timeout and self.killed_at is None:
@@ -141,8 +150,10 @@ class Supervisor:
                 self.seen.pop(rank, None)
                 code = int(msg.get("code", 1))
                 self.exits[rank] = code
-                if code not in (0, EXIT_PREEMPTED) and self.killed_at is None:
-                    self._kill(f"rank {rank} ({self._where(msg)}) exited with code {code}: stopping the job")
+                if code not in (0, EXIT_PREEMPTED) and self.failing is None:
+                    # Often a symptom (a collective broke because a peer died): give the
+                    # heartbeats a moment to show which rank went silent first.
+                    self.failing = (time.monotonic(), f"rank {rank} ({self._where(msg)}) exited with code {code}")
             elif rank not in self.exits:
                 self.seen[rank] = {**msg, "seen": time.monotonic()}
 
@@ -179,9 +190,11 @@ class Supervisor:
         """Send `sig` to this job's processes (only ranks if `ranks`) on every node."""
         if not self.remote:
             return jobctl.signal_job(self.job_id, sig, ranks)
-        remote = [self.python, "-m", "launch.jobctl", self.job_id, str(int(sig))] + (["--ranks"] if ranks else [])
-        hosts = ",".join(dict.fromkeys(self.nodes))
-        cmd = ["pdsh", "-S", "-f", "1024", "-w", hosts, f"cd {shlex.quote(self.cwd)} && {shlex.join(remote)}"]
+        remote = shlex.join([self.python, "-m", "launch.jobctl", self.job_id, str(int(sig))])
+        if ranks:
+            remote += " --ranks --node %n"  # pdsh puts in each host's index, as for deepspeed's --node_rank
+        hosts = ",".join(self.nodes)
+        cmd = ["pdsh", "-S", "-f", "1024", "-w", hosts, f"cd {shlex.quote(self.cwd)} && {remote}"]
         env = {**os.environ, "PDSH_RCMD_TYPE": "ssh"}
         try:
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60).stdout

@@ -36,6 +36,7 @@ import threading
 import time
 from datetime import timedelta
 
+HEARTBEAT_INTERVAL = 2.0  # seconds, unless ZEROLLM_HEARTBEAT_INTERVAL says otherwise
 EXIT_PREEMPTED = 75  # the engine saved a checkpoint after SIGTERM/SIGUSR1 and stopped
 ENV_JOB = "ZEROLLM_JOB_ID"
 ENV_HEARTBEAT = "ZEROLLM_HEARTBEAT"
@@ -115,7 +116,7 @@ def start_heartbeat(interval: float | None = None) -> bool:
     if _target() is None:
         return False
     if interval is None:
-        interval = float(os.environ.get(ENV_INTERVAL, "2") or 2)
+        interval = float(os.environ.get(ENV_INTERVAL) or HEARTBEAT_INTERVAL)
     with _beat_lock:
         if _beat_thread is not None and _beat_thread.pid == os.getpid():  # type: ignore[attr-defined]
             return True
