@@ -118,3 +118,16 @@ def test_mixed_style_export_is_refused_before_writing(tmp_path, tiny):
     with pytest.raises(ZeroLLMError, match="n_kv_head"):
         gqa = tiny("gpt2", n_kv_head=2)
         export_hf(CustomLanguageModel(gqa), gqa, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "llama-125m", "llama-1b"])
+def test_preset_parameter_counts_equal_the_transformers_model(name):
+    from train.hf_export import hf_config
+
+    cfg = from_name(name)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config(cfg))
+        ours = CustomLanguageModel(cfg)
+    assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
+    if name == "llama-1b":
+        assert ours.num_parameters() == 1_100_048_384  # TinyLlama-1.1B
