@@ -122,8 +122,8 @@ def bench_train(name: str, cfg: ModelConfig, dtype: str, B: int, T: int, repeats
     ref = secs["transformers"]
     for variant, s in secs.items():
         tps = B * T / s
-        mfu = ours.flops_per_token(T) * tps / peak
-        rows.append(f"| train fwd+bwd | {name} | {dtype} | {variant} | {tps:,.0f} | {ref / s:.2f}x | {mfu:.1%} |")
+        mfu = f"{ours.flops_per_token(T) * tps / peak:.1%}" if peak else "n/a"
+        rows.append(f"| train fwd+bwd | {name} | {dtype} | {variant} | {tps:,.0f} | {ref / s:.2f}x | {mfu} |")
         print(rows[-1], flush=True)
 
 
@@ -169,6 +169,10 @@ def main() -> None:
         f"load avg {os.getloadavg()[0]:.1f}; matmul peak fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s"
     )
+    # Without native bf16 (no AVX512-BF16/AMX) bf16 matmuls are emulated, and which kernel a
+    # shape gets varies so much that a "peak" means nothing: no MFU then.
+    if peaks["bf16"] < peaks["fp32"] / 4:
+        peaks["bf16"] = 0.0
     rows = ["| what | shape | dtype | model | tokens/s | vs transformers | MFU |", "|---|---|---|---|---|---|---|"]
     print("\n".join(rows))
     shapes = [("tiny (gpt2)", from_name("tiny"), 8, 128), ("tiny (llama)", from_name("tiny", **LLAMA), 8, 128)]
