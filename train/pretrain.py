@@ -263,7 +263,10 @@ def train(engine, cfg: RunConfig, data: Data, ckpt, state: dict[str, Any], stop:
             metrics.log(state["step"], {"eval_loss": eval_loss, "eval_ppl": ppl})
         due = (t.save_interval and state["step"] % t.save_interval == 0) or state["step"] == t.max_steps
         if due and not any_bad:  # only checkpoints after a good step count as good
-            ckpt.save(engine, state["step"], state)
+            t_save = time.time()
+            folder = ckpt.save(engine, state["step"], state)
+            size = sum(f.stat().st_size for f in folder.iterdir()) if rank == 0 else 0
+            metrics.log(state["step"], {"ckpt_save_s": time.time() - t_save, "ckpt_bytes": size})
     return 0
 
 
@@ -373,7 +376,9 @@ def run(args: argparse.Namespace) -> int:
     }
     folder = ckpt.find_resume()
     if folder is not None:
+        t_load = time.time()
         saved = ckpt.load(engine, folder)
+        load_s = time.time() - t_load
         check_resume_compatible(saved, cfg, data, str(folder))
         state.update(
             step=saved["step"], consumed_samples=saved["consumed_samples"], skipped_steps=saved.get("skipped_steps", 0)
@@ -391,6 +396,8 @@ def run(args: argparse.Namespace) -> int:
             ds.get("zero_optimization", {}).get("stage", 0),
         )
     metrics = Metrics(cfg.logging.run_dir, rank == 0, cfg.logging.tensorboard, cfg.train.max_steps, state["step"])
+    if folder is not None:
+        metrics.log(state["step"], {"ckpt_load_s": load_s, "resumed_from": folder.name})
     code = 1
     try:
         code = train(engine, cfg, data, ckpt, state, stop, metrics)
