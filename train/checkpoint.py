@@ -60,13 +60,7 @@ def allowed_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    with contextlib.suppress(ImportError):
-        from deepspeed.checkpoint.constants import PARAM_SHAPES  # noqa: F401
-    allowed += [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
-    allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "uint8", "int32", "bool")]
-    allowed += [set, frozenset, slice, getattr]
-    return allowed
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, set]
 
 
 @contextlib.contextmanager
@@ -93,7 +87,7 @@ def safe_torch_load():
 def rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].copy(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),  # a tensor, not a numpy pickle
         "numpy_pos": np.random.get_state()[2],
         "python": repr(random.getstate()),
     }
@@ -106,7 +100,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import ast
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
     random.setstate(ast.literal_eval(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
