@@ -46,9 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Friendly shorthands: `zerollm pretrain ARGS` is `zerollm launch pretrain ARGS`.
+ALIASES = {"pretrain": ["launch", "pretrain"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in ALIASES and "-h" not in argv and "--help" not in argv:
+        argv = argv[:first] + ALIASES[argv[first]] + argv[first + 1 :]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -9,15 +9,15 @@ log = logging.getLogger("zerollm")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # `zerollm pretrain ARGS` is rewritten to `zerollm launch pretrain ARGS` (launch/cli.py ALIASES);
+    # this parser only shows it in `zerollm --help`.
     p = sub.add_parser(
         "pretrain",
-        help="pretrain on this node (same as `zerollm launch pretrain ...`)",
-        description="Run train.pretrain under the deepspeed launcher on this node; every option of "
-        "`zerollm launch` applies (e.g. --num_gpus 2). Re-running resumes from the last checkpoint.",
-        add_help=False,
+        help="pretrain (same as `zerollm launch pretrain ...`, e.g. --config R.yaml --ds ds_configs/zero2.json)",
+        description="Run train.pretrain under the deepspeed launcher; every option of `zerollm launch` "
+        "applies (see `zerollm launch --help`). Re-running resumes from the last checkpoint.",
     )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=run_pretrain)
+    p.set_defaults(func=lambda args: 0)
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face model directory")
     p.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
@@ -35,12 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("run_dir")
     u.add_argument("--tag", default=None, help="checkpoint tag (default: the resume point)")
     u.set_defaults(func=run_universal)
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    from launch.cli import main
-
-    return main(["launch", "pretrain", *args.rest])
 
 
 def run_universal(args: argparse.Namespace) -> int:
