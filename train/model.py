@@ -78,6 +78,8 @@ class ModelConfig:
             raise bad(f"d_model: rope needs an even head size, got d_model/n_head={self.head_dim}")
         if self.pad_vocab_multiple < 1:
             raise bad(f"pad_vocab_multiple: {self.pad_vocab_multiple} must be >= 1")
+        if self.ffn_multiple_of < 1:
+            raise bad(f"ffn_multiple_of: {self.ffn_multiple_of} must be >= 1")
 
     # Derived sizes are properties (not stored), so dataclasses.replace() keeps them right.
     @property

@@ -215,6 +215,8 @@ def test_config_rejects_inconsistent_sizes():
         ModelConfig(d_model=100, n_head=3)
     with pytest.raises(ZeroLLMError, match="model.n_kv_head"):
         ModelConfig(n_head=12, n_kv_head=5)
+    with pytest.raises(ZeroLLMError, match="model.ffn_multiple_of"):
+        ModelConfig(ffn_multiple_of=0)
 
 
 def test_llama_hidden_size_rule():
