@@ -12,11 +12,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$BIN/zerollm" pretrain --config configs/demo.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2
 "$BIN/zerollm" export runs/demo --out runs/demo/hf
 "$BIN/python" - <<'PY'
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained("runs/demo/hf")
 model = AutoModelForCausalLM.from_pretrained("runs/demo/hf")
 ids = tok("def main(", return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
-print("sample:", repr(tok.decode(out[0])))
+out = model.generate(ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=50, pad_token_id=tok.pad_token_id)
+print("sample from the exported model (transformers):", repr(tok.decode(out[0])))
 PY
 echo "demo done: runs/demo (metrics.jsonl, loss.png, checkpoints/, hf/)"
