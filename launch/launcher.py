@@ -24,6 +24,7 @@ each starting `deepspeed --no_ssh --node_rank=$SLURM_NODEID` and supervising its
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shlex
@@ -219,13 +220,22 @@ def _local_device_count() -> int:
 
 
 def _free_port(addr: str) -> int:
-    """A free TCP port on `addr` when it is this host's, else deepspeed's default 29500."""
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
-            s.bind((addr, 0))
-            return s.getsockname()[1]
-    except OSError:
-        return 29500
+    """A free TCP port on `addr` when it is this host's, else deepspeed's default 29500.
+
+    Taken from 29500-32767, below Linux's ephemeral range (32768+), so an outgoing
+    connection cannot grab it between this check and the rendezvous."""
+    import random
+
+    candidates = random.sample(range(29500, 32768), 50)
+    for port in candidates:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
+                s.bind((addr, port))
+                return port
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return 29500  # not an address of this host
+    return 29500
 
 
 def _job_env(args: argparse.Namespace, job_id: str, heartbeat: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         sys.exit("usage: python -m launch.rank [--local_rank=N] MODULE [ARGS...]")
     module = argv.pop(0)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # the supervisor's launchers ignore it; ranks must not
     watchdog.die_with_parent()
     watchdog.start_heartbeat()
     watchdog.install_pg_timeouts()

@@ -40,6 +40,13 @@ FORWARD = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal
            signal.SIGUSR1: signal.SIGUSR1}  # fmt: skip
 
 
+def _ignore_usr1() -> None:
+    """In the launcher's process: SIGUSR1 ignored, for it and the per-node launchers (it is
+    inherited through exec). Slurm signals every process of a step, and the deepspeed
+    launchers would die of it; `launch.rank` restores the default for the ranks."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def bind_heartbeat(addr: str) -> socket.socket:
     """A UDP socket on `addr` (an address of this host) for the ranks' heartbeats."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -77,7 +84,7 @@ class Supervisor:
         handled = list(FORWARD)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         try:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True, preexec_fn=_ignore_usr1)
             while self.proc.poll() is None:
                 self._tick()
             rc = self.proc.returncode

@@ -55,6 +55,22 @@ def make_config(tmp: Path, name: str, data: str, max_steps: int, save_interval: 
     return path
 
 
+_warm = False
+
+
+def warm_deepspeed_ops() -> None:
+    """Build DeepSpeed's shm comm op once, in one process, before any job starts: ranks
+    starting together would otherwise race for the build lock, and a rank killed while it
+    holds the lock stalls every later job."""
+    global _warm
+    if not _warm:
+        code = "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder')"
+        code += ".load()"
+        subprocess.run([sys.executable, "-c", code], env=job_env(), cwd=REPO, check=True, timeout=900,
+                       capture_output=True)  # fmt: skip
+        _warm = True
+
+
 def make_ds_config(tmp: Path, base: str = "ds_configs/zero2.json") -> Path:
     """The project's ds_config with torch's AdamW instead of DeepSpeed's JIT-compiled CPU
     FusedAdam: ZeRO is unchanged, and the tests skip a minutes-long C++ build on 2 cores."""
@@ -62,6 +78,7 @@ def make_ds_config(tmp: Path, base: str = "ds_configs/zero2.json") -> Path:
     ds["optimizer"]["params"]["torch_adam"] = True
     path = tmp / Path(base).name
     path.write_text(json.dumps(ds, indent=2))
+    warm_deepspeed_ops()
     return path
 
 
@@ -79,15 +96,17 @@ def start_launch(args: list[str], log: Path, env: dict | None = None) -> subproc
         cwd=REPO,
         stdout=out,
         stderr=subprocess.STDOUT,
-        env={**test_env(), **(env or {})},
+        env={**job_env(), **(env or {})},
         start_new_session=True,
     )
 
 
-def test_env() -> dict[str, str]:
-    """The tests' own torch extension cache (DeepSpeed's shm comm op): a build another
-    process on the machine runs or leaves locked in the shared one cannot stall them."""
-    return {"TORCH_EXTENSIONS_DIR": "/var/tmp/zerollm-launch-tests/torch_extensions", **os.environ}
+def job_env() -> dict[str, str]:
+    """The tests' own torch extension cache (DeepSpeed's shm comm op), so a build another
+    process runs or leaves locked in the shared one cannot stall them; and one PATH for
+    every job: a different `ninja` first on PATH makes torch rebuild the op (minutes)."""
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    return {"TORCH_EXTENSIONS_DIR": "/var/tmp/zerollm-launch-tests/torch_extensions", **os.environ, "PATH": path}
 
 
 def job_id(log: Path, timeout: float = 60) -> str:
