@@ -1,7 +1,7 @@
 """A real Slurm cluster on this machine (slurmctld + slurmd + munge, .ci/services.sh):
-`sbatch launch/slurm/pretrain.sbatch` runs the tiny pretraining to COMPLETED with a
-checkpoint; `scancel --signal=USR1 --batch` makes it checkpoint and requeue, and the
-requeued run resumes from that checkpoint and finishes."""
+`sbatch launch/slurm/pretrain.sbatch` runs the tiny pretraining; `scancel --signal=USR1
+--batch` makes it checkpoint and requeue; the requeued run resumes from that checkpoint
+and the job ends COMPLETED with the final checkpoint."""
 
 from __future__ import annotations
 
@@ -58,19 +58,8 @@ def sbatch(tmp: Path, name: str, cfg: Path, ds: Path) -> tuple[str, Path]:
     return out.stdout.strip().split(";")[0], log
 
 
-def test_sbatch_pretrain_completes_with_a_checkpoint(slurm):
-    tmp, data, ds = slurm
-    cfg = make_config(tmp, "done", data, max_steps=6, save_interval=3)
-    job, log = sbatch(tmp, "done", cfg, ds)
-    info = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 400, log)
-    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
-    run_dir = tmp / "done"
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000006"
-    assert {row["world_size"] for row in metrics(run_dir) if "world_size" in row} == {2}
-    assert list((run_dir / "logs").glob(f"slurm-{job}-restart0-node0.log"))
-
-
-def test_usr1_checkpoints_requeues_and_the_requeued_run_resumes(slurm):
+def test_sbatch_pretrain_usr1_checkpoints_requeues_resumes_and_completes(slurm):
+    """One job covers both: it runs, is preempted (checkpoint, requeue), resumes, completes."""
     tmp, data, ds = slurm
     cfg = make_config(tmp, "preempt", data, max_steps=100000, save_interval=0)
     run_dir = tmp / "preempt"
@@ -95,3 +84,6 @@ def test_usr1_checkpoints_requeues_and_the_requeued_run_resumes(slurm):
     second = (run_dir / "logs" / f"slurm-{job}-restart1-node0.log").read_text()
     assert f"resumed from {run_dir / 'checkpoints' / f'step{step:08d}'}" in second, second[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{target:08d}"
+    assert (run_dir / "checkpoints" / f"step{target:08d}").is_dir()
+    assert {row["world_size"] for row in metrics(run_dir) if "world_size" in row} == {2}
+    assert [row["step"] for row in metrics(run_dir) if "loss" in row][-1] == target
