@@ -1,7 +1,8 @@
 """Two nodes over ssh on loopback (127.0.0.1 and 127.0.0.2, pdsh): `zerollm launch`
 runs the real tiny pretraining with ZeRO-2 on both, carries the user's environment
 intact, stops gracefully on SIGTERM and resumes, and stops the whole job within 60 s
-when a rank on the second node is killed or frozen, leaving no process behind.
+when a rank on the second node is killed or frozen (or its per-node launcher is
+killed), leaving no process behind.
 Needs sshd + pdsh (.ci/services.sh)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from launch import jobctl
 from tests.launch.launch_helpers import (
     job_id,
     kill_job,
@@ -87,7 +89,7 @@ def test_zero2_on_two_nodes_env_intact_sigterm_saves_and_resume_finishes(cluster
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{saved_step + 3:08d}"
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP", "launcher-SIGKILL"])
 def test_rank_killed_or_frozen_on_second_node_stops_job_within_60s(cluster, how):
     tmp, data, hostfile, ds = cluster
     cfg = make_config(tmp, f"lost-{how}", data, max_steps=100000, save_interval=0)
@@ -99,7 +101,10 @@ def test_rank_killed_or_frozen_on_second_node_stops_job_within_60s(cluster, how)
         wait_for(lambda: len(metrics(tmp / f"lost-{how}")) >= 1, 300, "a logged step", proc, log)
         victim = rank_environ(job)[1]
         assert victim["CROSS_RANK"] == "1"  # rank 1 runs on the second node, 127.0.0.2
-        os.kill(int(victim["_pid"]), getattr(signal, how))
+        if how == "launcher-SIGKILL":  # the per-node deepspeed launcher: its ranks must not live on
+            os.kill(jobctl._ppid(int(victim["_pid"])), signal.SIGKILL)
+        else:
+            os.kill(int(victim["_pid"]), getattr(signal, how))
         t0 = time.monotonic()
         try:
             rc = proc.wait(60)
@@ -109,7 +114,8 @@ def test_rank_killed_or_frozen_on_second_node_stops_job_within_60s(cluster, how)
         out = log.read_text()
         print(f"{how} of rank 1: job exited {rc} after {took:.1f} s")
         assert rc != 0, out[-3000:]
-        assert "rank 1 (node 1, host 127.0.0.2" in out, out[-3000:]
+        if how != "launcher-SIGKILL":
+            assert "rank 1 (node 1, host 127.0.0.2" in out, out[-3000:]
         assert not leftovers(job, str(cfg)), leftovers(job, str(cfg))
     finally:
         kill_job(job, proc)

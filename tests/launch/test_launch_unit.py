@@ -138,7 +138,7 @@ def test_preflight_errors_stop_before_any_rank(run_files, capsys):
     base = ["launch", "pretrain", "--config", str(cfg), "--hostfile", str(hosts), "--launcher", "openmpi"]
     assert cli_main([*base, "--deepspeed_config", str(bad_ds)]) == 2
     assert "train_batch_size: 6 != micro_batch 2 x grad_accum 1 x world_size 4 = 8" in capsys.readouterr().err
-    # The same config fits one node with 3 ranks? no: 2 x 1 x 3 = 6 does.
+    # --num_gpus changes the world size the arithmetic is checked for (2 hosts x 1 rank).
     assert cli_main([*base, "--deepspeed_config", str(bad_ds), "--num_gpus", "1", "--dry-run"]) == 2
     assert "world_size 2 = 4" in capsys.readouterr().err
     missing = make_config(tmp, "nodata", str(tmp / "data" / "absent"), max_steps=4, save_interval=2)
