@@ -181,7 +181,7 @@ def main() -> None:
     print("\n".join(header))
     rows: list = []
     shapes = [("tiny (gpt2)", from_name("tiny"), 8, 128), ("tiny (llama)", from_name("tiny", **LLAMA), 8, 128)]
-    big = [("gpt2-124m", from_name("gpt2-124m"), 1, 128), ("llama-125m", from_name("llama-125m"), 1, 128)]
+    big = [("gpt2-124m", from_name("gpt2-124m"), 4, 256), ("llama-125m", from_name("llama-125m"), 4, 256)]
     for name, cfg, B, T in shapes + ([] if args.quick else big):
         for dtype in ("fp32", "bf16"):
             if dtype == "bf16" and cfg.d_model > 64 and not args.big_bf16:
