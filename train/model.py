@@ -349,7 +349,9 @@ class CustomLanguageModel(nn.Module):
                 position_ids = doc_position_ids(doc_ids)
             mask = doc_causal_mask(doc_ids)
         x = self.hidden_states(idx, position_ids, mask)  # (B, T, d)
-        logits = self.lm_head(x)[..., : self.cfg.vocab_size]  # (B, T, vocab_size); padded rows dropped
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if self.cfg.padded_vocab_size != self.cfg.vocab_size:
+            logits = logits[..., : self.cfg.vocab_size]  # padded rows dropped (a no-op slice still costs a backward)
         if targets is None:
             return logits, None
         if loss_reduction not in ("mean", "sum"):
