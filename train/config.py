@@ -112,6 +112,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("model", "dropout"): (0, 0.999),
     ("model", "init_std"): (0, None),
     ("model", "pad_vocab_multiple"): (1, None),
+    ("model", "ffn_multiple_of"): (1, None),
     ("data", "seq_len"): (1, None),
     ("data", "seed"): (0, None),
     ("train", "micro_batch_size"): (1, None),
