@@ -92,6 +92,9 @@ class Supervisor:
             for s, h in previous.items():
                 signal.signal(s, h)
         self._drain(0)
+        if self.failing is not None and self.killed_at is None:  # the job ended before the kill
+            self.failure = self._failing_message(time.monotonic(), min_silence=0.0)
+            log.error("zerollm launch: %s", self.failure)
         if not self.signal_child_only:
             left = self._jobctl(signal.SIGKILL)
             if left:
@@ -118,12 +121,7 @@ class Supervisor:
             elif self.killed_at is None:
                 self._kill(f"second signal ({name}) while stopping: killing the job now", failed=False)
         if self.failing is not None and self.killed_at is None and now - self.failing[0] > 3 * BEAT:
-            silent = [
-                f"rank {r} ({self._where(m)}) silent for {now - m['seen']:.0f} s (killed or frozen?)"
-                for r, m in sorted(self.seen.items())
-                if now - m["seen"] > 2.5 * BEAT
-            ]
-            self._kill("; ".join([self.failing[1], *silent]) + ": stopping the job")
+            self._kill(self._failing_message(now, min_silence=2.5 * BEAT) + ": stopping the job")
         for rank, msg in list(self.seen.items()):
             silent = now - msg["seen"]
             if silent > self.heartbeat_timeout and self.killed_at is None:
@@ -163,6 +161,17 @@ class Supervisor:
                     self.failing = (time.monotonic(), f"rank {rank} ({self._where(msg)}) exited with code {code}")
             elif rank not in self.exits:
                 self.seen[rank] = {**msg, "seen": time.monotonic()}
+
+    def _failing_message(self, now: float, min_silence: float) -> str:
+        """The first error exit, then the ranks that went silent without reporting an exit:
+        those were killed or froze, and are usually the cause."""
+        silent = [
+            f"rank {r} ({self._where(m)}) stopped without reporting an exit, last heard {now - m['seen']:.0f} s "
+            "ago (killed or frozen?)"
+            for r, m in sorted(self.seen.items())
+            if now - m["seen"] > min_silence
+        ]
+        return "; ".join([self.failing[1] if self.failing else "", *silent]).lstrip("; ")
 
     # ------------------------------------------------------------------ actions
     def _where(self, msg: dict) -> str:
