@@ -10,7 +10,7 @@ $(STAMP): setup.cfg setup.py launch/bootstrap.sh
 	VENV=$(VENV) bash launch/bootstrap.sh
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=30 $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	bash launch/demo.sh

@@ -24,9 +24,13 @@ $pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     $pip install "torch>=2.4,<2.15"
-  elif ! $pip install -q --no-index "$TORCH_SPEC" 2>/dev/null; then
-    $pip install "$TORCH_SPEC" --index-url "$TORCH_CPU_INDEX"
+  elif $pip download -q --no-index --no-deps -d "$VENV/.torch-probe" "$TORCH_SPEC" >/dev/null 2>&1; then
+    # A local CPU wheel is reachable through pip's find-links: take it, deps from the index.
+    $pip install -q "$TORCH_SPEC"
+  else
+    $pip install "$TORCH_SPEC" --index-url "$TORCH_CPU_INDEX" --extra-index-url https://pypi.org/simple
   fi
+  rm -rf "$VENV/.torch-probe"
 fi
 # DeepSpeed compiles its ops at first use; nothing to build at install time.
 DS_BUILD_OPS=${DS_BUILD_OPS:-0} $pip install -q -e ".[dev]"
