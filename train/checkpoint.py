@@ -60,7 +60,9 @@ def allowed_globals() -> list[Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, set]
+    # Some Pythons (Debian bookworm's 3.11.2) pickle enum members as getattr(EnumClass, name);
+    # getattr can only reach attributes of the classes allowed here.
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, set, getattr]
 
 
 @contextlib.contextmanager
