@@ -103,8 +103,8 @@ def launch(config: Path, ds: str, nproc: int = 2, env: dict | None = None, wait:
         "--config", str(config),
         "--deepspeed_config", str(REPO / "ds_configs" / ds),
     ]  # fmt: skip
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "ZEROLLM_RANK_LOG": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    full_env.pop("ZEROLLM_FAULT", None) if "ZEROLLM_FAULT" not in (env or {}) else None
+    inherited = {k: v for k, v in os.environ.items() if k not in ("ZEROLLM_FAULT", "ZEROLLM_NAN_STEPS")}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "ZEROLLM_RANK_LOG": "1", "PYTHONPATH": str(REPO), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # fmt: skip
