@@ -49,9 +49,10 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     if install_pg_timeouts is not None:
         install_pg_timeouts(timeout_s)
     if not dist.is_initialized():
-        for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.setdefault(var, {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.get(var, "29511"))
-        os.environ.setdefault("LOCAL_RANK", "0")
+        # Run without a launcher (python -m train.pretrain): a single local rank.
+        single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+        for var, value in single.items():
+            os.environ.setdefault(var, value)
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 

@@ -55,7 +55,7 @@ class Data:
 
 def build_data(cfg: RunConfig, world_size: int) -> Data:
     """Training/validation datasets for this run, checked against the model before training."""
-    from data_pipeline.gpt_dataset import build_dataset
+    from data_pipeline.gpt_dataset import build_dataset, parse_blend
     from data_pipeline.indexed import dataset_vocab_size
 
     d, t, m = cfg.data, cfg.train, cfg.model
@@ -72,7 +72,8 @@ def build_data(cfg: RunConfig, world_size: int) -> Data:
                 f"{len(tok)} tokens ({d.tokenizer})"
             )
         tok_hash = tokenizer_hash(d.tokenizer)
-    for prefix in [p for p in d.train + d.valid if not _is_weight(p)]:
+    prefixes = parse_blend(d.train)[0] + (parse_blend(d.valid)[0] if d.valid else [])
+    for prefix in prefixes:
         vocab = dataset_vocab_size(prefix)
         if vocab is not None and vocab > m.vocab_size:
             raise ZeroLLMError(
@@ -85,14 +86,6 @@ def build_data(cfg: RunConfig, world_size: int) -> Data:
     if d.valid and t.eval_interval:
         valid = build_dataset(d.valid, d.seq_len, t.eval_steps * t.micro_batch_size * world_size, d.seed, cache)
     return Data(train, valid, train.fingerprint, tok_hash)
-
-
-def _is_weight(item: str) -> bool:
-    try:
-        float(item)
-        return True
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------- stop signals
