@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, one after another, each printing its own table.
 
-    .venv/bin/python benchmarks/run_all.py           # data, model, training
-    .venv/bin/python benchmarks/run_all.py --quick   # the quick variant of each
+.venv/bin/python benchmarks/run_all.py           # data, model, training
+.venv/bin/python benchmarks/run_all.py --quick   # the quick variant of each
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ Each document becomes `tokenizer(text).input_ids + [eos]`, exactly as Megatron-L
 and the files are byte-identical to its output. A document with no text adds a document
 entry and no tokens (as Megatron does); it is counted in the meta file.
 
-Pipeline: the main process reads byte blocks cut at record boundaries; a pool of workers
-parses, encodes (tiktoken fast path when exactly equivalent, else `tokenizers`) and
-returns a packed token array per chunk; the main process writes chunks in order to
-temp files, with a bounded number of chunks in flight. Memory is O(workers x chunk).
+Pipeline: the main process forks one worker per core (before any encoder or thread pool
+exists), reads byte blocks cut at record boundaries and hands them out; a worker parses,
+encodes (the fastest of fastokens / tiktoken / tokenizers that gives exactly tokenizers'
+ids, checked by a worker on a probe text and a sample of this corpus each run) and returns
+a packed token array per chunk; the main process writes chunks in order to temp files,
+with a bounded number of chunks in flight. Memory is O(workers x chunk).
 """
 
 from __future__ import annotations
@@ -91,41 +93,51 @@ def tokenizer_info(path: str | Path):
 _W: dict = {}
 
 
-def _init_worker(tok_dir: str, fast: bool, dtype: str, eos_id: int, opts: dict) -> None:
+def _init_worker(tok_dir: str, dtype: str, eos_id: int, opts: dict) -> None:
     import numpy as np
-    from tokenizers import Tokenizer
 
-    from data_pipeline import tokenizer as T
-
+    # one process per core: the encoders' own thread pools would only compete
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _W.clear()
-    _W.update(opts, eos=eos_id, dtype=np.dtype(dtype))
-    if fast:
-        spec = T._fast_spec(json.loads((Path(tok_dir) / "tokenizer.json").read_text("utf-8")))
-        _W["encode"] = T.FastEncoder(spec).encode_batch
-    else:
-        tok = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
-        _W["encode"] = lambda texts: [e.ids for e in tok.encode_batch(texts)]
+    _W.update(opts, tok_dir=tok_dir, eos=eos_id, dtype=np.dtype(dtype), encoders={})
 
 
-def _pack(token_lists: list[list[int]], eos: int, dtype):
-    """Concatenate documents (each + eos when non-empty) into one array and sizes."""
-    import itertools
+def _encoder(name: str):
+    from data_pipeline.tokenizer import Encoder
 
+    if name not in _W["encoders"]:
+        _W["encoders"][name] = Encoder(name, _W["tok_dir"])
+    return _W["encoders"][name]
+
+
+def _pick(sample: list[str], mode: str):
+    """Worker: which encoder to use (run in a worker so the parent never starts threads)."""
+    from data_pipeline.tokenizer import pick_encoder
+
+    return pick_encoder(_W["tok_dir"], sample, mode)
+
+
+def _pack(ids, lengths, keep, eos: int, dtype):
+    """Documents `keep` (all when None), each + eos when non-empty -> (tokens, sizes)."""
     import numpy as np
 
-    for t in token_lists:
-        if t:
-            t.append(eos)
-    sizes = np.fromiter(map(len, token_lists), np.int32, len(token_lists))
-    flat = itertools.chain.from_iterable(token_lists)
-    return np.fromiter(flat, dtype, int(sizes.sum(dtype=np.int64))), sizes
+    if keep is not None:
+        ids, lengths = ids[np.repeat(keep, lengths)], lengths[keep]
+    nonempty = lengths > 0
+    sizes = (lengths + nonempty).astype(np.int32)
+    out = np.empty(int(sizes.sum(dtype=np.int64)), dtype)
+    eos_at = (np.cumsum(sizes, dtype=np.int64) - 1)[nonempty]
+    body = np.ones(out.size, bool)
+    body[eos_at] = False
+    out[body] = ids
+    out[eos_at] = eos
+    return out, sizes
 
 
 def _valid_mask(docs: list[str], fraction: float):
     import numpy as np
 
-    if fraction <= 0:
-        return np.zeros(len(docs), bool)
     limit = int(fraction * 2**64)
     return np.fromiter(
         (int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8).digest(), "little") < limit for d in docs),
@@ -134,20 +146,25 @@ def _valid_mask(docs: list[str], fraction: float):
     )
 
 
-def _encode_chunk(chunk):
+def _encode_chunk(chunk, enc_name: str):
     """Worker: parse + encode one chunk -> ((tokens, sizes) per split, counts, n_bytes)."""
-    import numpy as np
-
     from data_pipeline.sources import parse_chunk
 
     docs, counts = parse_chunk(chunk, _W["text_key"], _W["skip_bad"])
-    ids = _W["encode"](docs)
-    valid = _valid_mask(docs, _W["valid_fraction"])
-    counts["empty_documents"] = sum(1 for t in ids if not t)
-    out = []
-    for mask in (~valid, valid) if _W["valid_fraction"] > 0 else (np.ones(len(docs), bool),):
-        out.append(_pack([t for t, m in zip(ids, mask, strict=True) if m], _W["eos"], _W["dtype"]))
+    try:
+        ids, lengths = _encoder(enc_name).encode_flat(docs)
+    except Exception:  # noqa: BLE001 - a fast library failing on odd text: the reference encodes it
+        if enc_name == "tokenizers":
+            raise
+        ids, lengths = _encoder("tokenizers").encode_flat(docs)
+        counts["fallback_chunks"] = 1
+    counts["empty_documents"] = int((lengths == 0).sum())
     counts["documents"] = len(docs)
+    if _W["valid_fraction"] > 0:
+        valid = _valid_mask(docs, _W["valid_fraction"])
+        out = [_pack(ids, lengths, m, _W["eos"], _W["dtype"]) for m in (~valid, valid)]
+    else:
+        out = [_pack(ids, lengths, None, _W["eos"], _W["dtype"])]
     n_bytes = len(chunk.data) if isinstance(chunk.data, bytes) else sum(map(len, chunk.data))
     return out, counts, n_bytes
 
@@ -180,31 +197,6 @@ def _probe_sample(docs: list[str], limit: int = 1 << 16) -> list[str]:
     return out
 
 
-def choose_encoder(info: TokenizerInfo, tok, sample_docs: list[str], mode: str) -> bool:
-    """True to use the tiktoken fast path: only if it encodes the probe and sample equally."""
-    if mode == "tokenizers":
-        return False
-    from data_pipeline import tokenizer as T
-
-    try:
-        spec = T._fast_spec(json.loads((Path(info.path) / "tokenizer.json").read_text("utf-8")))
-        fast = T.FastEncoder(spec) if spec else None
-    except Exception as e:  # noqa: BLE001 - any failure: use the reference path
-        log.info("fast path unavailable: %s", e)
-        fast = None
-    ok = False
-    if fast is not None:
-        probe = [T.PROBE_TEXT, *T.PROBE_TEXT.split("\n"), *sample_docs]
-        # one text at a time: encode_batch would start tokenizers threads before the fork
-        ok = fast.encode_batch(probe) == [tok.encode(t).ids for t in probe]
-    if mode == "tiktoken" and not ok:
-        raise ZeroLLMError(
-            f"{info.path}: --encoder tiktoken asked for, but the fast path is not exactly "
-            "equivalent for this tokenizer; use --encoder auto."
-        )
-    return ok
-
-
 def preprocess(
     inputs: list[str],
     tokenizer_dir: str,
@@ -228,47 +220,33 @@ def preprocess(
     if not 0.0 <= valid_fraction < 1.0:
         raise ZeroLLMError(f"--valid-fraction {valid_fraction}: must be in [0, 1).")
     files = expand_inputs(inputs)
-    info, tok = tokenizer_info(tokenizer_dir)
+    info, _ = tokenizer_info(tokenizer_dir)
     dtype = token_dtype_for(info.vocab_size)
     chunks = iter_chunks(files, txt_split, text_key, shard)
     first = next(chunks, None)
     sample = _probe_sample(parse_chunk(first, text_key, True)[0] if first is not None else [])
-    fast = choose_encoder(info, tok, sample, encoder)
-    enc_name = "tiktoken" if fast else "tokenizers"
-    log.info("preprocess: %d file(s), encoder %s, dtype %s", len(files), enc_name, dtype.__name__)
     prefixes = output_prefixes(out_prefix, valid_fraction, shard)
     total_in = sum(os.path.getsize(f) for f in files) if shard[1] == 1 else None
     opts = {"text_key": text_key, "skip_bad": skip_bad, "valid_fraction": valid_fraction}
-    initargs = (info.path, fast, dtype.__name__, info.eos_id, opts)
     workers = max(1, workers or os.cpu_count() or 1)
-    counts: dict[str, int] = {}
-    n_bytes = 0
     writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
-    bar = _progress(total_in, progress)
     try:
-        results = _run_pool(workers, initargs, first, chunks)
-        for out, c, nb in results:
-            for w, (toks, sizes) in zip(writers, out, strict=True):
-                w.add_documents(toks, sizes)
-            for k, v in c.items():
-                counts[k] = counts.get(k, 0) + v
-            n_bytes += nb
-            bar.update(nb)
-        bar.close()
-        if sum(w.num_tokens for w in writers) == 0:
-            raise ZeroLLMError(f"{', '.join(files[:3])}: no tokens at all (every document empty?); nothing to write.")
-        for w, p in zip(writers, prefixes, strict=True):
-            if w.num_tokens == 0:
-                raise ZeroLLMError(
-                    f"{p}: this split got no documents (field: --valid-fraction); use a larger fraction or more data."
-                )
+        with _Pool(workers, (info.path, dtype.__name__, info.eos_id, opts)) as pool:
+            enc_name, skipped = pool.call(_pick, sample, encoder)
+            why = "".join(f"; {k} not used: {v}" for k, v in skipped.items())
+            log.info("preprocess: %d file(s), encoder %s, dtype %s%s", len(files), enc_name, dtype.__name__, why)
+            results = pool.imap(_encode_chunk, first, chunks, enc_name)
+            counts, n_bytes = _write(results, writers, _progress(total_in, progress))
+        _check_nonempty(writers, prefixes, files)
         for w in writers:
             w.finalize()
     except BaseException:
-        bar.close()
         for w in writers:
             w.abort()
         raise
+    if counts.get("fallback_chunks"):
+        n = counts["fallback_chunks"]
+        log.warning("preprocess: %s failed on %d chunk(s); tokenizers encoded those", enc_name, n)
     for w, p in zip(writers, prefixes, strict=True):
         write_meta(
             p,
@@ -284,6 +262,7 @@ def preprocess(
                 "empty_documents": w.num_documents - w.num_sequences,
                 "skipped": {k: v for k, v in counts.items() if k in ("blank_lines", "bad_records")},
                 "encoder": enc_name,
+                "fallback_chunks": counts.get("fallback_chunks", 0),
                 "inputs": [os.path.abspath(f) for f in files],
                 "shard": f"{shard[0]}/{shard[1]}",
                 "valid_fraction": valid_fraction,
@@ -293,6 +272,31 @@ def preprocess(
     toks = sum(w.num_tokens for w in writers)
     docs = sum(w.num_documents for w in writers)
     return PreprocessResult(prefixes, enc_name, secs, n_bytes, toks, docs, counts)
+
+
+def _write(results, writers, bar) -> tuple[dict[str, int], int]:
+    """Append each chunk's documents to the writers, in order; (summed counts, input bytes)."""
+    counts: dict[str, int] = {}
+    n_bytes = 0
+    with bar:
+        for out, c, nb in results:
+            for w, (toks, sizes) in zip(writers, out, strict=True):
+                w.add_documents(toks, sizes)
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            n_bytes += nb
+            bar.update(nb)
+    return counts, n_bytes
+
+
+def _check_nonempty(writers, prefixes, files) -> None:
+    if sum(w.num_tokens for w in writers) == 0:
+        raise ZeroLLMError(f"{', '.join(files[:3])}: no tokens at all (every document empty?); nothing to write.")
+    for w, p in zip(writers, prefixes, strict=True):
+        if w.num_tokens == 0:
+            raise ZeroLLMError(
+                f"{p}: this split got no documents (field: --valid-fraction); use a larger fraction or more data."
+            )
 
 
 def _progress(total, enabled):
@@ -310,25 +314,46 @@ def _progress(total, enabled):
     )
 
 
-def _run_pool(workers, initargs, first, chunks):
-    """Ordered results of `_encode_chunk`, at most 2*workers+1 chunks in flight."""
-    import itertools
-    import multiprocessing as mp
+class _Pool:
+    """Worker processes (or this process when workers == 1), forked before any encoder
+    or thread pool exists; `imap` keeps at most 2*workers+1 chunks in flight, in order."""
 
-    if first is None:
-        return
-    stream = itertools.chain([first], chunks)
-    if workers == 1:  # in-process: no pickling
-        _init_worker(*initargs)
-        for c in stream:
-            yield _encode_chunk(c)
-        return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+    def __init__(self, workers: int, initargs: tuple):
+        import multiprocessing as mp
+
+        self.workers = workers
+        self.pool = None
+        if workers == 1:  # in-process: no pickling
+            _init_worker(*initargs)
+        else:
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def call(self, fn, *args):
+        return fn(*args) if self.pool is None else self.pool.apply(fn, args)
+
+    def imap(self, fn, first, rest, *args):
+        import itertools
+
+        if first is None:
+            return
+        stream = itertools.chain([first], rest)
+        if self.pool is None:
+            for c in stream:
+                yield fn(c, *args)
+            return
         pending: deque = deque()
         for c in stream:
-            pending.append(pool.apply_async(_encode_chunk, (c,)))
-            if len(pending) > 2 * workers:
+            pending.append(self.pool.apply_async(fn, (c, *args)))
+            if len(pending) > 2 * self.workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()

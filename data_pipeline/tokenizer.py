@@ -12,10 +12,11 @@ with `transformers.AutoTokenizer.from_pretrained(dir)`. Special tokens:
 No BOS and no post-processor: `tokenizer(text).input_ids` is exactly the BPE of the
 text, which is what Megatron-LM's preprocess with `--append-eod` stores (plus EOD).
 
-`FastEncoder` is an exact, faster encoder for byte-level BPE tokenizers: a `tiktoken`
-Encoding built from the same vocabulary, merges, pre-tokenization pattern and special
-tokens. It is only used when the tokenizer has exactly the shape tiktoken implements
-(checked in `fast_encoder_or_none`) and when a probe text encodes identically both ways.
+Preprocessing may encode with a faster library than `tokenizers` (`Encoder`, `ENCODERS`):
+`fastokens` (loads tokenizer.json itself) or `tiktoken` built from the same vocabulary,
+merges, pre-tokenization pattern and special tokens (`FastEncoder`, for the byte-level
+shape `_fast_spec` accepts). `pick_encoder` uses one only when it gives exactly the ids
+of `tokenizers` on a probe text and a sample of the corpus; else `tokenizers` runs.
 """
 
 from __future__ import annotations
@@ -227,19 +228,93 @@ PROBE_TEXT = (
     "I'M YOU'RE we've  \n  \n\n1234567890 ...!!! ___ $$$ \\n \x00\x01 \uffff \U0001f600"
 )
 
+# --------------------------------------------------------------------------- encoders
+# Preprocessing encoders, fastest first. `tokenizers` is the reference: the others are
+# used only when they give the very same ids on the probe text and a sample of the corpus
+# (`pick_encoder`), and tests prove them equal on arbitrary Unicode.
+#   fastokens   Rust BPE on PCRE2-JIT pre-tokenization, loads tokenizer.json as is
+#   tiktoken    needs the byte-level shape `_fast_spec` accepts
+ENCODERS = ("fastokens", "tiktoken", "tokenizers")
 
-def fast_encoder_or_none(tok_dir: str | Path, hf_tok=None, probe: str = PROBE_TEXT):
-    """A FastEncoder for `tok_dir` when exactly equivalent on the probe, else None."""
-    try:
-        spec = _fast_spec(json.loads((Path(tok_dir) / "tokenizer.json").read_text("utf-8")))
-        if spec is None:
-            return None
-        fast = FastEncoder(spec)
-    except Exception as e:  # noqa: BLE001 - any failure means: use the reference path
-        log.info("fast encoder unavailable (%s: %s)", type(e).__name__, e)
-        return None
-    hf_tok = hf_tok or load_tokenizer(tok_dir)
-    lines = probe.split("\n")
-    if fast.encode_batch([probe, *lines]) != [hf_tok(t).input_ids for t in [probe, *lines]]:
-        return None
-    return fast
+
+class Encoder:
+    """`encode_flat(texts)` -> (ids, lengths): every text's ids, concatenated, as numpy."""
+
+    def __init__(self, name: str, tok_dir: str | Path):
+        self.name = name
+        tj = Path(tok_dir) / "tokenizer.json"
+        if name == "fastokens":
+            from fastokens import Tokenizer as FastTokenizer
+
+            self._fast = FastTokenizer.from_file(str(tj))
+        elif name == "tiktoken":
+            spec = _fast_spec(json.loads(tj.read_text("utf-8")))
+            if spec is None:
+                raise ValueError("not a byte-level BPE of the shape tiktoken implements")
+            self._lists = FastEncoder(spec).encode_batch
+        elif name == "tokenizers":
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tj))
+            self._lists = lambda texts: [e.ids for e in tok.encode_batch(texts)]
+        else:
+            raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+
+    def encode_flat(self, texts: list[str]):
+        import itertools
+
+        import numpy as np
+
+        if self.name == "fastokens":
+            ids, offsets = self._fast.encode_batch_flat(texts, add_special_tokens=True)
+            return np.frombuffer(ids, "<u4"), np.diff(np.frombuffer(offsets, "<u8")).astype(np.int64)
+        lists = self._lists(texts)
+        lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+        return np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(lengths.sum())), lengths
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        import numpy as np
+
+        ids, lengths = self.encode_flat(texts)
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        flat = ids.tolist()
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def reference_ids(tok_dir: str | Path, texts: list[str]) -> list[list[int]]:
+    """`tokenizers`' ids, one text at a time (encode_batch would start its thread pool)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
+    return [tok.encode(t).ids for t in texts]
+
+
+def pick_encoder(tok_dir: str | Path, sample: list[str], mode: str = "auto") -> tuple[str, dict[str, str]]:
+    """The fastest encoder exactly equal to `tokenizers` on the probe text and `sample`.
+
+    Returns (name, {skipped encoder: why}). `mode` forces one encoder (an error when it
+    is not equivalent); "auto" tries them fastest first and always ends at tokenizers.
+    """
+    if mode not in ("auto", *ENCODERS):
+        raise ZeroLLMError(f"--encoder {mode}: choose auto or one of {', '.join(ENCODERS)}.")
+    texts = [PROBE_TEXT, *PROBE_TEXT.split("\n"), *sample]
+    want = None
+    skipped: dict[str, str] = {}
+    for name in ENCODERS if mode == "auto" else (mode,):
+        if name == "tokenizers":
+            return name, skipped
+        try:
+            enc = Encoder(name, tok_dir)
+            want = want if want is not None else reference_ids(tok_dir, texts)
+            got = enc.encode_batch(texts)
+            why = None if got == want else "gives other ids than tokenizers on the probe/sample"
+        except Exception as e:  # noqa: BLE001 - any failure: try the next encoder
+            why = f"{type(e).__name__}: {e}"
+        if why is None:
+            return name, skipped
+        skipped[name] = why
+        log.info("encoder %s not used: %s", name, why)
+    raise ZeroLLMError(
+        f"{tok_dir}: --encoder {mode} asked for, but it is not exactly equivalent to tokenizers "
+        f"for this tokenizer ({skipped[mode]}); use --encoder auto."
+    )

@@ -41,7 +41,7 @@ def test_demo_pipeline_cli(tmp_path):
         "2",
     )
     assert r.returncode == 0, r.stderr
-    assert "encoder tiktoken" in r.stderr and "MB/s" in r.stderr
+    assert "encoder fastokens" in r.stderr and "MB/s" in r.stderr
     for split in ("train", "valid"):
         for ext in ("bin", "idx", "meta.json"):
             assert (d / f"stdlib_{split}.{ext}").is_file()
@@ -66,7 +66,7 @@ def test_command_module_is_light_at_import():
     code = (
         "import sys, data_pipeline.commands as c, argparse;"
         "p = argparse.ArgumentParser(); c.register(p.add_subparsers());"
-        "heavy = {'numpy', 'tokenizers', 'transformers', 'tiktoken', 'torch'} & set(sys.modules);"
+        "heavy = {'numpy', 'tokenizers', 'transformers', 'tiktoken', 'fastokens', 'torch'} & set(sys.modules);"
         "print(sorted(heavy))"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -24,12 +24,15 @@ def make(prefix, n_docs=50, seed=0, vocab=1000, tok_hash="h"):
 def reference_sample(ds: GPTDataset, docs, i):
     """Sample i by the definition: window j*seq_len of the epoch-ordered token stream."""
     j = int(ds.shuffle[i])
-    need = (j + 1) * ds.seq_len + 1
-    stream, k = [], 0
-    while len(stream) < need:
+    start = j * ds.seq_len
+    if not hasattr(ds, "_ref_cum"):  # tokens before each piece of the stream
+        ds._ref_cum = np.concatenate([[0], np.cumsum(np.array([len(d) for d in docs])[np.asarray(ds.doc_order)])])
+    k = int(np.searchsorted(ds._ref_cum, start, side="right")) - 1  # the piece holding `start`
+    stream, skipped = [], int(ds._ref_cum[k])
+    while len(stream) < start - skipped + ds.seq_len + 1:
         stream += docs[int(ds.doc_order[k])]
         k += 1
-    return stream[j * ds.seq_len : j * ds.seq_len + ds.seq_len + 1]
+    return stream[start - skipped : start - skipped + ds.seq_len + 1]
 
 
 def test_samples_are_windows_of_the_shuffled_document_stream(tmp_path):
@@ -133,3 +136,19 @@ def test_index_build_is_vectorised_for_a_million_samples(tmp_path):
     ds = GPTDataset(str(tmp_path / "a"), 4, 1_000_000, 0)  # ~ 570 epochs of a tiny dataset
     assert len(ds) >= 1_000_000
     assert (ds.sample_off >= 0).all() and ds.sample_off.max() < 41
+
+
+@pytest.mark.parametrize("seq_len", [1, 16, 64, 2000])
+def test_batched_reads_equal_single_reads_and_the_definition(tmp_path, seq_len):
+    """Windows inside one document, spanning several, starting in the document stored
+    last in the .bin (a window view would run off its end), and longer than the whole
+    dataset (2000 > its ~1,000 tokens)."""
+    docs = make(tmp_path / "a")
+    ds = GPTDataset(str(tmp_path / "a"), seq_len=seq_len, num_samples=300, seed=5)
+    first_doc = ds.doc_order[ds.sample_pos[ds.shuffle]]
+    stored_last = np.flatnonzero(first_doc == len(docs) - 1)[:20]
+    idx = np.concatenate([np.arange(300), stored_last, [len(ds) - 1]])
+    batch = ds.get_batch(idx)
+    assert batch.shape == (len(idx), seq_len + 1) and batch.dtype == np.int64
+    for row, i in zip(batch, idx.tolist(), strict=True):
+        assert (row == ds[i]).all() and row.tolist() == reference_sample(ds, docs, i)

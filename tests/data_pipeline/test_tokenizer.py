@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from data_pipeline.tokenizer import (
     SPECIAL_TOKENS,
-    FastEncoder,
+    Encoder,
     _fast_spec,
-    fast_encoder_or_none,
     load_tokenizer,
+    pick_encoder,
     tokenizer_hash,
 )
 from train.errors import ZeroLLMError
@@ -89,15 +89,51 @@ spacey = st.lists(
 ).map("".join)
 
 
+@pytest.mark.parametrize("name", ["fastokens", "tiktoken"])
 @SETTINGS
 @given(text=st.one_of(texts, spacey))
-def test_fast_path_is_token_identical(tok_dir, text):
+def test_fast_encoders_are_token_identical(tok_dir, name, text):
     tok = _cached_hf(tok_dir)
-    assert _cached_fast(tok_dir).encode_batch([text]) == [tok(text).input_ids]
+    assert _cached_encoder(tok_dir, name).encode_batch([text]) == [tok(text).input_ids]
 
 
-def test_fast_path_is_chosen_for_our_tokenizer_and_refused_for_other_shapes(tok_dir, tmp_path):
-    assert fast_encoder_or_none(tok_dir) is not None
+@pytest.mark.parametrize("name", ["fastokens", "tiktoken"])
+def test_fast_encoders_are_token_identical_on_long_documents(tok_dir, name):
+    """Whole files as single documents: long whitespace runs, every shape of line."""
+    import inspect
+
+    from tests.conftest import SHARED_DATA
+
+    docs = [inspect.getsource(inspect), " " * 5000 + "x\n\n\t\t\n" * 300, "a" * 20000]
+    if (SHARED_DATA / "tinyshakespeare.txt").is_file():
+        docs.append((SHARED_DATA / "tinyshakespeare.txt").read_text("utf-8"))
+    tok = _cached_hf(tok_dir)
+    ids, lengths = _cached_encoder(tok_dir, name).encode_flat(docs)
+    assert ids.tolist() == [i for d in docs for i in tok(d).input_ids]
+    assert lengths.tolist() == [len(tok(d).input_ids) for d in docs]
+
+
+def test_pick_encoder_takes_the_fastest_equivalent_one(tok_dir, monkeypatch):
+    assert pick_encoder(tok_dir, ["some text"]) == ("fastokens", {})
+    assert pick_encoder(tok_dir, [], "tiktoken") == ("tiktoken", {})
+    real = Encoder.encode_flat
+
+    def off_by_one(self, texts):  # a fast library that disagrees with tokenizers
+        ids, lengths = real(self, texts)
+        return (ids + 1, lengths) if self.name == "fastokens" else (ids, lengths)
+
+    monkeypatch.setattr(Encoder, "encode_flat", off_by_one)
+    name, skipped = pick_encoder(tok_dir, ["some text"])
+    assert name == "tiktoken" and "other ids" in skipped["fastokens"]
+    with pytest.raises(ZeroLLMError, match="--encoder fastokens .*not exactly equivalent"):
+        pick_encoder(tok_dir, [], "fastokens")
+    monkeypatch.setitem(__import__("sys").modules, "fastokens", None)  # not installed
+    monkeypatch.setattr(Encoder, "encode_flat", real)
+    name, skipped = pick_encoder(tok_dir, [])
+    assert name == "tiktoken" and "ModuleNotFoundError" in skipped["fastokens"]
+
+
+def test_tiktoken_shape_check_refuses_other_shapes(tok_dir, tmp_path):
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     spec["normalizer"] = {"type": "NFC"}
     assert _fast_spec(spec) is None
@@ -147,10 +183,10 @@ def _cached_hf(path):
     return _HF[path]
 
 
-def _cached_fast(path) -> FastEncoder:
-    key = ("fast", path)
+def _cached_encoder(path, name) -> Encoder:
+    key = (name, path)
     if key not in _HF:
-        _HF[key] = FastEncoder(_fast_spec(json.loads((path / "tokenizer.json").read_text())))
+        _HF[key] = Encoder(name, path)
     return _HF[key]
 
 
