@@ -4,11 +4,18 @@
     .venv/bin/python benchmarks/bench_data.py --big       # + a 1 GB corpus (minutes)
     .venv/bin/python benchmarks/bench_data.py --work DIR  # keep corpora/outputs in DIR
 
-Corpora (real text, no download): "code" = this Python's stdlib sources (the demo corpus,
-long documents), repeated to size; "prose" = ../shared/data/tinyshakespeare.txt split at
-blank lines (short documents), repeated to size, when present. Preprocess is timed end to
-end as `zerollm preprocess` (process start to exit, jsonl on disk to .bin/.idx), peak RSS
-summed over the process and its workers (sampled every 20 ms). Prints a markdown table.
+Corpora (real text, no download): "code" = the first 100 MB of the source files on this
+machine (.py, .pyi, .c, .h, .cpp, .cu of this Python's stdlib and site-packages; files
+over 1 MiB, generated tables, left out), de-duplicated by content, one document per file,
+in path order: long documents, no repeats, so no encoder cache sees a line twice. The
+10 MB corpus is its start; the 1 GB corpus is it 10 times, pass r rotating ASCII letters
+by r (ROT-r): unique text with the same document sizes (only the corpus size changes),
+harder than real code for a tokenizer (its words are not in the vocabulary). "prose" =
+../shared/data/tinyshakespeare.txt split at blank lines (short documents), repeated to
+size (1.1 MB of unique text), when present.
+Preprocess is timed end to end as `zerollm preprocess` (process start to exit, jsonl on
+disk to .bin/.idx), peak RSS summed over the process and its workers (sampled every
+20 ms). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -28,20 +35,64 @@ sys.path.insert(0, str(REPO))
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def make_corpus(path: Path, docs: list[str], mb: float) -> Path:
-    """`docs` as jsonl lines, repeated until the file reaches `mb` MB."""
+def make_corpus(path: Path, docs: list[str], mb: float, rotate: bool = False) -> Path:
+    """`docs` as jsonl lines until the file reaches `mb` MB; pass r >= 1 over the list
+    rotates ASCII letters by r when `rotate` (unique text), else repeats it."""
     if path.is_file():
         return path
-    lines = [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs]
-    target, size = int(mb * 1e6), 0
-    with open(path, "w", encoding="utf-8") as f:
+    target, size, r = int(mb * 1e6), 0, 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         while size < target:
-            for line in lines:
+            table = _rot(r) if rotate and r else None
+            for d in docs:
+                line = json.dumps({"text": d.translate(table) if table else d}, ensure_ascii=False) + "\n"
                 f.write(line)
                 size += len(line.encode("utf-8"))
                 if size >= target:
                     break
+            r += 1
+    tmp.replace(path)
     return path
+
+
+def _rot(r: int) -> dict[int, int]:
+    lower, upper = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    k = r % 26 or 1
+    return str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k])
+
+
+CODE_EXT = (".py", ".pyi", ".c", ".h", ".cpp", ".cu", ".cuh")
+
+
+def code_documents(max_mb: float = 100, max_doc: int = 1 << 20) -> list[str]:
+    """Source files of this Python's stdlib and site-packages, unique by content, up to
+    `max_mb` in all; files over `max_doc` bytes are left out."""
+    import hashlib
+    import site
+    import sysconfig
+
+    roots = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
+    seen, docs, total = set(), [], 0
+    for root in dict.fromkeys(roots):
+        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not name.endswith(CODE_EXT):
+                    continue
+                try:
+                    text = (Path(dirpath) / name).read_text("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                data = text.encode("utf-8")
+                key = hashlib.blake2b(data, digest_size=16).digest()
+                if text.strip() and len(data) <= max_doc and key not in seen:
+                    seen.add(key)
+                    docs.append(text)
+                    total += len(data)
+                    if total >= max_mb * 1e6:
+                        return docs
+    return docs
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int, float]:
@@ -166,12 +217,14 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also preprocess a 1 GB corpus")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed)")
     args = ap.parse_args()
-    from data_pipeline.training_corpus import stdlib_sources
-
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench_data_")
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    code_docs = [p.read_text("utf-8", errors="replace") for p in stdlib_sources()]
+    code_docs = code_documents()
+    unique_mb = sum(len(d.encode("utf-8")) for d in code_docs) / 1e6
+    print(f"code corpus: {len(code_docs)} unique source files, {unique_mb:.0f} MB", file=sys.stderr)
+    if unique_mb < 99:
+        print("fewer than 100 MB of source files here: the code corpora repeat them (rotated)", file=sys.stderr)
     rows = []
     base = make_corpus(work / "code_12mb.jsonl", code_docs, 12)
     rows.append(bench_tokenizer(work, base, 8192))
@@ -179,7 +232,7 @@ def main() -> None:
     tok = work / "tok8192"
     sizes = [10, 100] + ([1000] if args.big else [])
     for mb in sizes:
-        corpus = make_corpus(work / f"code_{mb}mb.jsonl", code_docs, mb)
+        corpus = make_corpus(work / f"code_{mb}mb.jsonl", code_docs, mb, rotate=True)
         rows.append(bench_preprocess(work, corpus, tok, "code (long docs)"))
         print(rows[-1], file=sys.stderr)
     if SHAKESPEARE.is_file():

@@ -54,7 +54,31 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         for var, value in single.items():
             os.environ.setdefault(var, value)
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _unlink_shm_buffer(rank, world)
+    return rank, world
+
+
+def _unlink_shm_buffer(rank: int, world: int) -> None:
+    """Remove DeepSpeed's CPU all-reduce buffer name from /dev/shm once every rank has it.
+
+    DeepSpeed's shared-memory all-reduce (CPU, all ranks on one machine) creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, ~69 MB per rank,
+    and never removes it: 15 GB of them had filled /dev/shm here after a day of runs.
+    When init returns, this rank has mapped every peer's buffer; after a barrier every
+    peer has mapped this one, so the name can go. The mappings stay valid and the
+    memory is freed when the last process exits.
+    """
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    if world > 1:
+        dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # no shared-memory all-reduce (GPU, or ranks on several nodes)
+        pass
 
 
 def resolve_ds_config(path: str, cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -92,13 +92,17 @@ def run_config(path: Path, corpus: dict[str, str], run_dir: Path, **train) -> Pa
     return path
 
 
+PORTS: list[int] = []  # master ports of the launches so far
+
+
 def launch(config: Path, ds: str, nproc: int = 2, env: dict | None = None, wait: bool = True, timeout: float = 900):
     """`deepspeed --num_gpus N --module train.pretrain ...` exactly as a user runs it."""
+    PORTS.append(free_port())
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus", str(nproc),
         "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()),
+        "--master_port", str(PORTS[-1]),
         "--module", "train.pretrain",
         "--config", str(config),
         "--deepspeed_config", str(REPO / "ds_configs" / ds),
@@ -186,6 +190,14 @@ def test_nan_loss_step_is_skipped_and_counted(bf16_runs):
     assert by_step[5]["skipped_steps"] == 1 and by_step[12]["skipped_steps"] == 1
     assert all(np.isfinite(by_step[s]["loss"]) for s in range(6, 13))
     assert by_step[12]["loss"] < by_step[1]["loss"]
+
+
+def test_runs_leave_no_shared_memory_buffers_behind(bf16_runs):
+    """DeepSpeed's CPU all-reduce creates ~69 MB per rank in /dev/shm; we remove the names."""
+    assert PORTS
+    buffers = Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")
+    left = [p.name for p in buffers if int(p.name.split("_")[-2]) in PORTS]
+    assert not left, left
 
 
 def test_zero3_rank_holds_half_the_parameters(bf16_runs):
