@@ -304,6 +304,7 @@ def _check_nonempty(writers, prefixes, files) -> None:
 def _progress(total, enabled):
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked later
     return tqdm(
         total=total,
         unit="B",
@@ -317,33 +318,59 @@ def _progress(total, enabled):
 
 
 class _Pool:
-    """Worker processes (or this process when workers == 1), forked before any encoder
-    or thread pool exists; `imap` keeps at most 2*workers+1 chunks in flight, in order."""
+    """Worker processes (this process when workers == 1) that encode chunks in order.
+
+    A `ProcessPoolExecutor`, forked before any encoder or thread pool exists in the parent:
+    a worker killed (say by the OOM killer) fails the run with one line instead of leaving
+    it waiting forever. After CHUNKS_PER_WORKER chunks per worker the processes are
+    replaced (in-flight chunks drained first): fastokens' cache and a long-lived worker's
+    heap grow with the distinct text seen (~0.5 MB per MB of unique code), so recycled
+    workers keep peak memory flat in the corpus size. At most 2*workers+1 chunks in flight.
+    """
 
     def __init__(self, workers: int, initargs: tuple):
-        import multiprocessing as mp
-
-        self.workers = workers
-        self.pool = None
+        self.workers, self.initargs = workers, initargs
+        self.ex = None
+        self.submitted = 0  # to the current processes
         if workers == 1:  # in-process: no pickling
             _init_worker(*initargs)
-        else:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            # a fresh worker every CHUNKS_PER_WORKER chunks: fastokens' cache and the heap
-            # of a long-lived worker grow with the distinct text it has seen (~+100 MB per
-            # 400 MB of unique code); recycled workers keep peak memory flat in corpus size
-            self.pool = ctx.Pool(workers, _init_worker, initargs, maxtasksperchild=CHUNKS_PER_WORKER)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        self._close()
+
+    def _close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+            self.ex = None
+
+    def _submit(self, fn, *args):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self.ex is None:
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self.ex = ProcessPoolExecutor(self.workers, ctx, _init_worker, self.initargs)
+            self.submitted = 0
+        self.submitted += 1
+        return self.ex.submit(fn, *args)
+
+    @staticmethod
+    def _result(future, what: str):
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise ZeroLLMError(
+                f"{what}: a preprocess worker process died (killed, or out of memory?); "
+                "nothing was written under the output names. Use fewer --workers, or check the system log."
+            ) from e
 
     def call(self, fn, *args):
-        return fn(*args) if self.pool is None else self.pool.apply(fn, args)
+        return fn(*args) if self.workers == 1 else self._result(self._submit(fn, *args), "encoder check")
 
     def imap(self, fn, first, rest, *args):
         import itertools
@@ -351,14 +378,18 @@ class _Pool:
         if first is None:
             return
         stream = itertools.chain([first], rest)
-        if self.pool is None:
+        if self.workers == 1:
             for c in stream:
                 yield fn(c, *args)
             return
         pending: deque = deque()
         for c in stream:
-            pending.append(self.pool.apply_async(fn, (c, *args)))
+            if self.submitted >= CHUNKS_PER_WORKER * self.workers:  # fresh processes
+                while pending:
+                    yield self._result(*pending.popleft())
+                self._close()
+            pending.append((self._submit(fn, c, *args), f"{c.path} (chunk at byte {c.offset})"))
             if len(pending) > 2 * self.workers:
-                yield pending.popleft().get()
+                yield self._result(*pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield self._result(*pending.popleft())

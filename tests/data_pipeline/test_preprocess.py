@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -242,3 +243,22 @@ def test_a_chunk_the_fast_encoder_fails_on_is_encoded_by_tokenizers(tmp_path, to
     assert read_meta(tmp_path / "o")["fallback_chunks"] == 1
     bin_, idx = megatron_reference(texts, tok_dir)
     assert (tmp_path / "o.bin").read_bytes() == bin_ and (tmp_path / "o.idx").read_bytes() == idx
+
+
+def test_a_killed_worker_fails_the_run_with_one_line_and_no_output(tmp_path, tok_dir, write_jsonl, monkeypatch):
+    import signal
+
+    import data_pipeline.sources as sources
+
+    parent, real = os.getpid(), sources.parse_chunk
+
+    def oom(chunk, *a, **k):  # as the OOM killer would, in a worker only
+        if os.getpid() != parent and b"KILLME" in chunk.data:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(chunk, *a, **k)
+
+    monkeypatch.setattr(sources, "parse_chunk", oom)  # the forked workers inherit it
+    src = write_jsonl(tmp_path / "in.jsonl", ["fine", "KILLME please", "also fine"])
+    with pytest.raises(ZeroLLMError, match="in.jsonl .*worker process died"):
+        preprocess([str(src)], str(tok_dir), str(tmp_path / "o"), workers=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temp files
