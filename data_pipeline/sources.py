@@ -114,7 +114,7 @@ def _open(path: str):
 
 
 def _byte_blocks(path: str, start: int, end: int, sep: bytes) -> Iterator[tuple[int, bytes]]:
-    """Blocks of whole records (cut after `sep`) whose records start in [start, end)."""
+    """Blocks of whole records (each ends with `sep`) whose first byte is in [start, end)."""
     with _open(path) as f:
         pos = 0
         if start > 0:
@@ -122,47 +122,49 @@ def _byte_blocks(path: str, start: int, end: int, sep: bytes) -> Iterator[tuple[
             if f.read(1) != sep:  # inside a record that an earlier shard owns
                 f.readline()
             pos = f.tell()
-        carry = b""
-        while end < 0 or pos < end:
-            block = f.read(BLOCK)
-            if not block:
-                if carry:
-                    yield pos - len(carry), carry
-                return
-            data = carry + block
-            first = pos - len(carry)
-            pos += len(block)
-            if end >= 0 and pos >= end:  # keep records starting before `end`
-                k = data.find(sep, end - 1 - first)
-                if k >= 0:
-                    yield first, data[: k + 1]
-                    return
-            cut = data.rfind(sep)
-            if cut < 0:
-                carry = data
-                continue
-            yield first, data[: cut + 1]
-            carry = data[cut + 1 :]
+
+        def end_after(data: bytes, i: int) -> int:
+            return data.find(sep, i) + 1 or -1
+
+        yield from _record_blocks(f, pos, lambda data: data.rfind(sep) + 1 or -1, end_after, end)
 
 
 def _blank_line_blocks(path: str) -> Iterator[tuple[int, bytes]]:
     with _open(path) as f:
-        carry, pos = b"", 0
-        while True:
-            block = f.read(BLOCK)
-            if not block:
-                if carry:
-                    yield pos - len(carry), carry
+        yield from _record_blocks(f, 0, _last_blank_line_end)
+
+
+def _record_blocks(f, pos: int, last_end, end_after=None, end: int = -1) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) blocks of whole records read from `f`, now at byte `pos`.
+
+    `last_end(data)`: offset just past the last whole record in `data` (-1: none yet), so
+    a record longer than a block is carried into the next read. With `end` >= 0, the last
+    block ends with the record holding byte end - 1 (records starting at or after `end`
+    belong to the next shard), read to its end however far that is: `end_after(data, i)`
+    is the offset just past the first record end at or after `i` (-1: not in `data` yet).
+    """
+    carry = b""
+    while True:
+        if end >= 0 and pos >= end and not carry:  # the next record is the next shard's
+            return
+        block = f.read(BLOCK)
+        first = pos - len(carry)
+        data = carry + block
+        pos += len(block)
+        if not block:
+            if data:
+                yield first, data
+            return
+        if end >= 0 and pos >= end:
+            k = end_after(data, max(end - 1 - first, 0))
+            if k >= 0:
+                if k > 0:
+                    yield first, data[:k]
                 return
-            data = carry + block
-            first = pos - len(carry)
-            pos += len(block)
-            cut = _last_blank_line_end(data)
-            if cut < 0:
-                carry = data
-                continue
+        cut = last_end(data)
+        if cut > 0:
             yield first, data[:cut]
-            carry = data[cut:]
+        carry = data[cut:] if cut > 0 else data
 
 
 def _last_blank_line_end(data: bytes) -> int:

@@ -262,3 +262,21 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_no_output(tmp_path, tok
     with pytest.raises(ZeroLLMError, match="in.jsonl .*worker process died"):
         preprocess([str(src)], str(tok_dir), str(tmp_path / "o"), workers=2, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temp files
+
+
+@pytest.mark.parametrize("block", [7, 64, 4096])
+def test_every_record_lands_in_exactly_one_shard(tmp_path, monkeypatch, write_jsonl, block):
+    """Records longer than a read block straddle shard edges: none lost, none doubled."""
+    import data_pipeline.sources as sources
+    from data_pipeline.sources import iter_chunks, parse_chunk
+
+    monkeypatch.setattr(sources, "BLOCK", block)
+    rng = np.random.default_rng(block)
+    texts = [f"doc {i} " + "x" * int(rng.integers(0, 300)) for i in range(120)]
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+
+    def docs(shard):
+        return [d for c in iter_chunks([str(src)], shard=shard) for d in parse_chunk(c, "text", False)[0]]
+
+    for n in (2, 3, 7, 50, 400):  # 400: some shards lie inside one record
+        assert [d for i in range(n) for d in docs((i, n))] == texts, n
