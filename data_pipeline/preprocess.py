@@ -54,8 +54,8 @@ def _token_content(t) -> str | None:
     return t
 
 
-def tokenizer_info(path: str | Path):
-    """(TokenizerInfo, tokenizers.Tokenizer) for a HF tokenizer dir; errors name the file."""
+def tokenizer_info(path: str | Path) -> TokenizerInfo:
+    """What preprocessing needs of a HF tokenizer dir (eos id, vocab size, hash); errors name the file."""
     from tokenizers import Tokenizer
 
     from data_pipeline.tokenizer import tokenizer_hash
@@ -86,7 +86,7 @@ def tokenizer_info(path: str | Path):
         raise ZeroLLMError(f"{p}: eos_token {eos!r} is not in the vocabulary (field: eos_token).")
     info = TokenizerInfo(str(p), eos_id, tok.get_vocab_size(with_added_tokens=True), "")
     info.hash = tokenizer_hash(p)
-    return info, tok
+    return info
 
 
 # ----------------------------------------------------------------------------- workers
@@ -222,7 +222,7 @@ def preprocess(
     if not 0.0 <= valid_fraction < 1.0:
         raise ZeroLLMError(f"--valid-fraction {valid_fraction}: must be in [0, 1).")
     files = expand_inputs(inputs)
-    info, _ = tokenizer_info(tokenizer_dir)
+    info = tokenizer_info(tokenizer_dir)
     dtype = token_dtype_for(info.vocab_size)
     chunks = iter_chunks(files, txt_split, text_key, shard)
     first = next(chunks, None)

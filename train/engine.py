@@ -70,14 +70,17 @@ def _unlink_shm_buffer(rank: int, world: int) -> None:
     memory is freed when the last process exits.
     """
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":  # the same answer on every rank
+        return  # GPU collectives: no such buffer (and no barrier before the device is set)
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
     if world > 1:
         dist.barrier()
     try:
         os.unlink(path)
-    except FileNotFoundError:  # no shared-memory all-reduce (GPU, or ranks on several nodes)
+    except FileNotFoundError:  # no shared-memory all-reduce (ranks on several nodes)
         pass
 
 
