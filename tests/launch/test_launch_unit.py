@@ -197,8 +197,8 @@ def test_pg_timeout_bounds_groups_created_later_without_a_timeout(tmp_path):
         try:
             dist.all_reduce(torch.ones(1), group=group)
         except RuntimeError as e:
-            print("COLLECTIVE FAILED:", str(e)[:200])
-            sys.exit(3)
+            print("COLLECTIVE FAILED:", str(e)[:200], flush=True)
+            os._exit(3)  # gloo's threads can abort a normal interpreter exit (SIGABRT) here
         print("COLLECTIVE RETURNED")
         """
     ).replace("PORT", str(port))
