@@ -75,8 +75,7 @@ def code_documents(max_mb: float = 100, max_doc: int = 1 << 20) -> list[str]:
     roots = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
     seen, docs, total = set(), [], 0
     for root in dict.fromkeys(roots):
-        for dirpath, dirnames, filenames in sorted(os.walk(root)):
-            dirnames.sort()
+        for dirpath, _, filenames in sorted(os.walk(root)):  # whole walk, then path order
             for name in sorted(filenames):
                 if not name.endswith(CODE_EXT):
                     continue
