@@ -40,3 +40,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict
         timeout=timeout,
         env=full_env,
     )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say when the Docker fixture repeated a build after buildah's memfd sealing race."""
+    docker = sys.modules.get("tests.launch.test_launch_docker")
+    rebuilds = getattr(docker, "REBUILDS", [])
+    if rebuilds:
+        terminalreporter.write_line(
+            f"docker: podman build repeated {len(rebuilds)} time(s) after the memfd sealing race; "
+            f"first logs: {', '.join(rebuilds)}"
+        )
