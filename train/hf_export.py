@@ -2,6 +2,7 @@
 
     export_hf(model, cfg, "out/hf", tokenizer_dir="tok/")   # then AutoModelForCausalLM.from_pretrained("out/hf")
     model, cfg = import_hf("some/hf_dir")                     # or import_hf(hf_model)
+    recipe = hf_weight_recipe(cfg, HFTensors(dir).keys())   # one parameter at a time (ZeRO-3 loading)
 
 The GPT-2 style (learned positions, LayerNorm, GELU, biases) maps to GPT2LMHeadModel, the Llama
 style (RoPE, RMSNorm, SwiGLU, GQA) to LlamaForCausalLM; a mixed style has no HF class and is
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from train.errors import ZeroLLMError
 from train.model import CustomLanguageModel, ModelConfig
@@ -189,47 +192,84 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF GPT-2 / Llama weights -> our state dict (vocab rows zero-padded to padded_vocab_size)."""
-    sd = {k.removeprefix("module."): v for k, v in hf_sd.items()}
+Recipe = dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]
+
+
+def hf_weight_recipe(cfg: ModelConfig, hf_keys: Iterable[str]) -> Recipe:
+    """For each of our parameter names: the HF tensors it is made of and how to combine them.
+
+    `hf_keys` are the names present in the HF weights (a "module." prefix, or GPT-2 names
+    without "transformer.", are accepted). A loader reads only the tensors one entry names, so a
+    parameter can be built alone (ZeRO-3 fills partitions this way). KeyError names a missing
+    tensor. A tied head maps to the same recipe as `wte.weight`.
+    """
+    gpt2 = hf_style(cfg) == "gpt2"
+    actual: dict[str, str] = {}  # canonical HF name -> name in the file
+    for key in hf_keys:
+        canon = key.removeprefix("module.")
+        if gpt2 and not canon.startswith(("transformer.", "lm_head.")):
+            canon = "transformer." + canon
+        actual[canon] = key
     pad = cfg.padded_vocab_size - cfg.vocab_size
 
-    def rows(w: torch.Tensor) -> torch.Tensor:
+    def rows(w: torch.Tensor) -> torch.Tensor:  # zero rows for the padded vocabulary
         return torch.cat([w, w.new_zeros(pad, w.size(1))]) if pad else w
 
-    out: dict[str, torch.Tensor] = {}
-    if hf_style(cfg) == "gpt2":
-        sd = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in sd.items()}
-        out["wte.weight"] = rows(sd["transformer.wte.weight"])
-        out["wpe.weight"] = sd["transformer.wpe.weight"]
+    def same(w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def transpose(w: torch.Tensor) -> torch.Tensor:  # GPT-2 Conv1D is (in, out)
+        return w.t()
+
+    def cat(*parts: torch.Tensor) -> torch.Tensor:
+        return torch.cat(parts)
+
+    def take(fn: Callable[..., torch.Tensor], *canon: str) -> tuple[tuple[str, ...], Callable[..., torch.Tensor]]:
+        return tuple(actual[c] for c in canon), fn  # KeyError(canonical name) when absent
+
+    out: Recipe = {}
+    if gpt2:
+        out["wte.weight"] = take(rows, "transformer.wte.weight")
+        out["wpe.weight"] = take(same, "transformer.wpe.weight")
         for i in range(cfg.n_layer):
             o, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for name, transpose in [("ln_1", 0), ("attn.c_attn", 1), ("attn.c_proj", 1), ("ln_2", 0)] + [
-                ("mlp.c_fc", 1),
-                ("mlp.c_proj", 1),
+            for name, fn in [("ln_1", same), ("attn.c_attn", transpose), ("attn.c_proj", transpose)] + [
+                ("ln_2", same),
+                ("mlp.c_fc", transpose),
+                ("mlp.c_proj", transpose),
             ]:
-                w = sd[h + name + ".weight"]
-                out[o + name + ".weight"] = w.t() if transpose else w
-                out[o + name + ".bias"] = sd[h + name + ".bias"]
-        out["ln_f.weight"], out["ln_f.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-        head = sd.get("lm_head.weight", sd["transformer.wte.weight"])
+                out[o + name + ".weight"] = take(fn, h + name + ".weight")
+                out[o + name + ".bias"] = take(same, h + name + ".bias")
+        out["ln_f.weight"] = take(same, "transformer.ln_f.weight")
+        out["ln_f.bias"] = take(same, "transformer.ln_f.bias")
+        embed = "transformer.wte.weight"
     else:
-        out["wte.weight"] = rows(sd["model.embed_tokens.weight"])
+        out["wte.weight"] = take(rows, "model.embed_tokens.weight")
         for i in range(cfg.n_layer):
             o, h = f"blocks.{i}.", f"model.layers.{i}."
-            out[o + "ln_1.weight"] = sd[h + "input_layernorm.weight"]
-            out[o + "ln_2.weight"] = sd[h + "post_attention_layernorm.weight"]
+            out[o + "ln_1.weight"] = take(same, h + "input_layernorm.weight")
+            out[o + "ln_2.weight"] = take(same, h + "post_attention_layernorm.weight")
             for kind in ("weight", "bias") if cfg.bias else ("weight",):
-                a = h + "self_attn."
-                out[f"{o}attn.c_attn.{kind}"] = torch.cat([sd[f"{a}{n}_proj.{kind}"] for n in "qkv"])
-                out[f"{o}attn.c_proj.{kind}"] = sd[f"{a}o_proj.{kind}"]
-                m = h + "mlp."
-                out[f"{o}mlp.c_fc.{kind}"] = sd[f"{m}gate_proj.{kind}"]
-                out[f"{o}mlp.c_up.{kind}"] = sd[f"{m}up_proj.{kind}"]
-                out[f"{o}mlp.c_proj.{kind}"] = sd[f"{m}down_proj.{kind}"]
-        out["ln_f.weight"] = sd["model.norm.weight"]
-        head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
-    out["lm_head.weight"] = out["wte.weight"] if cfg.tie_embeddings else rows(head)
+                a, m = h + "self_attn.", h + "mlp."
+                out[f"{o}attn.c_attn.{kind}"] = take(cat, *(f"{a}{n}_proj.{kind}" for n in "qkv"))
+                out[f"{o}attn.c_proj.{kind}"] = take(same, f"{a}o_proj.{kind}")
+                out[f"{o}mlp.c_fc.{kind}"] = take(same, f"{m}gate_proj.{kind}")
+                out[f"{o}mlp.c_up.{kind}"] = take(same, f"{m}up_proj.{kind}")
+                out[f"{o}mlp.c_proj.{kind}"] = take(same, f"{m}down_proj.{kind}")
+        out["ln_f.weight"] = take(same, "model.norm.weight")
+        embed = "model.embed_tokens.weight"
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    else:
+        out["lm_head.weight"] = take(rows, "lm_head.weight" if "lm_head.weight" in actual else embed)
+    return out
+
+
+def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 / Llama weights -> our state dict (vocab rows zero-padded to padded_vocab_size)."""
+    out = {name: fn(*(hf_sd[k] for k in keys)) for name, (keys, fn) in hf_weight_recipe(cfg, hf_sd).items()}
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]  # one tensor, as in the model
     return out
 
 
@@ -275,20 +315,47 @@ def export_hf(
     return out
 
 
-def _load_dir_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            sd.update(load_file(str(f)))
-        return sd
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
-        raise ZeroLLMError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
-    sd = {}
-    for f in bins:
-        sd.update(torch.load(f, map_location="cpu", weights_only=True))
-    return sd
+class HFTensors:
+    """The tensors of an HF model dir, read one at a time by name (nothing loaded up front).
+
+    safetensors files are memory-mapped per tensor; pytorch_model*.bin files (pickles, no
+    random access) are loaded whole on first use.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self._bin = path, None
+        self._files: dict[str, Any] = {}  # tensor name -> open safe_open handle
+        for f in sorted(path.glob("*.safetensors")):
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            self._files.update(dict.fromkeys(handle.keys(), handle))
+        if not self._files and not sorted(path.glob("pytorch_model*.bin")):
+            raise ZeroLLMError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
+
+    def _bins(self) -> dict[str, torch.Tensor]:
+        if self._bin is None:
+            self._bin = {}
+            for f in sorted(self.path.glob("pytorch_model*.bin")):
+                self._bin.update(torch.load(f, map_location="cpu", weights_only=True))
+        return self._bin
+
+    def keys(self) -> list[str]:
+        return list(self._files) if self._files else list(self._bins())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._files[name].get_tensor(name) if self._files else self._bins()[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._files[name].get_slice(name).get_shape()) if self._files else tuple(self[name].shape)
+
+
+def read_hf_config(path: str | Path) -> Any:
+    """The transformers config of an HF model dir (ZeroLLMError when it is not one)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ZeroLLMError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def import_hf(path_or_hf_model: Any, **overrides: Any) -> tuple[CustomLanguageModel, ModelConfig]:
@@ -299,13 +366,9 @@ def import_hf(path_or_hf_model: Any, **overrides: Any) -> tuple[CustomLanguageMo
     caller casts it.
     """
     if isinstance(path_or_hf_model, (str, Path)):
-        from transformers import AutoConfig
-
-        path = Path(path_or_hf_model)
-        if not (path / "config.json").is_file():
-            raise ZeroLLMError(f"{path}: not a Hugging Face model directory (no config.json)")
-        hf_cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        hf_sd = _load_dir_state_dict(path)
+        hf_cfg = read_hf_config(path_or_hf_model)
+        tensors = HFTensors(Path(path_or_hf_model))
+        hf_sd = {k: tensors[k] for k in tensors.keys()}
     else:
         hf_cfg, hf_sd = path_or_hf_model.config, path_or_hf_model.state_dict()
     cfg = config_from_hf(hf_cfg, **overrides)
