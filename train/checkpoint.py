@@ -11,6 +11,9 @@ Layout under `<run_dir>/checkpoints/`:
         *zero_pp_rank_<r>_*optim_states.pt  DeepSpeed: each rank's optimizer shard
         zerollm_rank<r>.pt             ours: rank r's torch/numpy/python (CUDA) RNG
         complete.json                  ours: written last; step, world size, files
+    step00000300/                  several named engines (`save({"policy": e1, "value": e2}, ...)`)
+        policy/, value/                each engine's DeepSpeed files, as above
+        zerollm_rank<r>.pt, complete.json   one RNG file per rank, one manifest for all
     step00000200_universal/        optional: `zerollm checkpoint universal` output
     latest                         the tag to resume from; replaced atomically
     .tmp-step00000400/             a save in progress (ignored and cleaned on resume)
@@ -21,10 +24,15 @@ files it owns can be read back; barrier; rank 0 checks every rank's files, write
 (temp file + fsync + rename). A process killed at any point leaves either the
 previous checkpoint as the newest complete one, or the new one fully written.
 
+Test hooks: ZEROLLM_FAULT=in_save:<rank>:<step> kills a rank after its DeepSpeed files
+are written; in_save:<name>:<rank>:<step> right after engine <name>'s files.
+
 Resume: follow `latest`; when it is missing, dangling or names an incomplete
 folder, take the newest complete checkpoint and say so. Loading goes through
 `torch.load(weights_only=True)` with an explicit allow-list of DeepSpeed's classes.
 Checkpoints must live on a filesystem every node sees (as DeepSpeed assumes).
+`consolidated_state_dict` turns any checkpoint into one fp32 state dict (export, and
+stages that start from another run's weights).
 """
 
 from __future__ import annotations
@@ -156,7 +164,12 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
+    def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
+        """Save one engine, or several as {name: engine} (policy, value, ...), as one checkpoint.
+
+        Named engines go to `<tag>/<name>/` under one manifest, one `latest`, one RNG file
+        per rank; the checkpoint counts only when every engine's files are verified.
+        """
         import torch.distributed as dist
 
         tag = f"step{step:08d}"
@@ -166,12 +179,18 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
             tmp.mkdir()
         dist.barrier()  # also: never start a save on a broken process group
-        engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state={"zerollm": state}, save_latest=False)
+        client = {"zerollm": state}
+        if isinstance(engine, dict):
+            for name, named in _check_names(engine).items():
+                named.save_checkpoint(str(tmp), tag=name, client_state=client, save_latest=False)
+                fault_point(f"in_save:{name}", self.rank, step)
+        else:
+            engine.save_checkpoint(str(self.dir), tag=tmp.name, client_state=client, save_latest=False)
         fault_point("in_save", self.rank, step)
         side = tmp / f"zerollm_rank{self.rank:05d}.pt"
         buf = _torch_bytes(rng_state())
         write_atomic(side, buf)
-        sizes = self._verify_own_files(tmp)
+        sizes = self._verify_own_files(tmp, list(engine) if isinstance(engine, dict) else None)
         dist.barrier()
         all_sizes = [None] * self.world_size
         dist.all_gather_object(all_sizes, sizes)
@@ -179,6 +198,8 @@ class Checkpointer:
         if self.rank == 0:
             files = {name: size for part in all_sizes for name, size in part.items()}
             manifest = {"step": step, "world_size": self.world_size, "files": files, "state": state}
+            if isinstance(engine, dict):
+                manifest["engines"] = list(engine)
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
             if final.exists():  # an older save of the same step (e.g. after resuming)
                 shutil.rmtree(final)
@@ -189,18 +210,23 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def _verify_own_files(self, folder: Path) -> dict[str, int]:
-        """Read back the files this rank wrote; a truncated file fails here, not at resume."""
+    def _verify_own_files(self, folder: Path, engines: list[str] | None = None) -> dict[str, int]:
+        """Read back the files this rank wrote; a truncated file fails here, not at resume.
+
+        Returns {path relative to `folder`: size} (named engines' files under `<name>/`)."""
         sizes = {}
+        owned = [folder / f"zerollm_rank{self.rank:05d}.pt"]
+        for sub in [folder / n for n in engines] if engines else [folder]:
+            owned += [p for p in _rank_files(sub, self.rank) if p not in owned]
         with safe_torch_load():
-            for path in _rank_files(folder, self.rank):
+            for path in owned:
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
                 try:
                     torch.load(path, map_location="cpu")
                 except Exception as e:
                     raise ZeroLLMError(f"{path}: checkpoint file unreadable right after saving: {e}") from e
-                sizes[path.name] = path.stat().st_size
+                sizes[str(path.relative_to(folder))] = path.stat().st_size
         return sizes
 
     def _prune(self) -> None:
@@ -253,25 +279,54 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ load
 
-    def load(self, engine, folder: Path) -> dict[str, Any]:
-        """Load `folder` into `engine` (and this rank's RNG); returns the trainer state."""
+    def load(self, engine: Any, folder: Path) -> dict[str, Any]:
+        """Load `folder` into `engine` (or into each of {name: engine}, as saved) and this
+        rank's RNG; returns the trainer state."""
         manifest = json.loads((folder / MANIFEST).read_text())
-        saved_world = manifest["world_size"]
-        load_dir, tag = self.dir, folder.name
-        sharded = any(folder.glob("*zero_pp_rank_*"))  # ZeRO / bf16 optimizer shards per rank
-        if saved_world != self.world_size and sharded:
-            universal = folder.with_name(folder.name + "_universal")
-            if not self.is_complete(universal):
+        saved_world, saved_names = manifest["world_size"], manifest.get("engines")
+        names = list(_check_names(engine)) if isinstance(engine, dict) else None
+        if names != saved_names:
+            raise ZeroLLMError(
+                f"{folder}: holds engines {saved_names or '(one unnamed)'}, this run loads {names or '(one unnamed)'}"
+            )
+        sharded = any(folder.rglob("*zero_pp_rank_*"))  # ZeRO / bf16 optimizer shards per rank
+        if names is not None:
+            if saved_world != self.world_size and sharded:
                 raise ZeroLLMError(
                     f"{folder}: written by {saved_world} ranks, this run has {self.world_size}; "
-                    f"convert it first: zerollm checkpoint universal {self.dir.parent}"
+                    "a checkpoint of several engines resumes on the same number of ranks only"
                 )
-            engine._config.load_universal_checkpoint = True
-            tag = universal.name
-            if self.rank == 0:
-                log.info(
-                    "resuming %d-rank checkpoint %s on %d ranks via %s", saved_world, folder.name, self.world_size, tag
-                )
+            client = {}
+            for name in names:
+                client = self._load_engine(engine[name], folder, name)
+        else:
+            load_dir, tag = self.dir, folder.name
+            if saved_world != self.world_size and sharded:
+                universal = folder.with_name(folder.name + "_universal")
+                if not self.is_complete(universal):
+                    raise ZeroLLMError(
+                        f"{folder}: written by {saved_world} ranks, this run has {self.world_size}; "
+                        f"convert it first: zerollm checkpoint universal {self.dir.parent}"
+                    )
+                engine._config.load_universal_checkpoint = True
+                tag = universal.name
+                if self.rank == 0:
+                    log.info(
+                        "resuming %d-rank checkpoint %s on %d ranks via %s",
+                        saved_world,
+                        folder.name,
+                        self.world_size,
+                        tag,
+                    )
+            client = self._load_engine(engine, load_dir, tag)
+        side = folder / f"zerollm_rank{self.rank:05d}.pt"
+        if side.is_file() and saved_world == self.world_size:
+            with safe_torch_load():
+                set_rng_state(torch.load(side, map_location="cpu"))
+        return client["zerollm"]
+
+    @staticmethod
+    def _load_engine(engine: Any, load_dir: Path, tag: str) -> dict[str, Any]:
         with safe_torch_load():
             path, client = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -279,11 +334,50 @@ class Checkpointer:
         engine._config.load_universal_checkpoint = False
         if path is None or not client or "zerollm" not in client:
             raise ZeroLLMError(f"{load_dir / tag}: DeepSpeed could not load this checkpoint")
-        side = folder / f"zerollm_rank{self.rank:05d}.pt"
-        if side.is_file() and saved_world == self.world_size:
-            with safe_torch_load():
-                set_rng_state(torch.load(side, map_location="cpu"))
-        return client["zerollm"]
+        return client
+
+
+def _check_names(engines: dict[str, Any]) -> dict[str, Any]:
+    """Engine names become folder names: refuse anything but plain identifiers."""
+    bad = [n for n in engines if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", n)]
+    if not engines or bad:
+        raise ZeroLLMError(f"engine names must be non-empty identifiers (letters, digits, _ or -), got {list(engines)}")
+    return engines
+
+
+# ----------------------------------------------------------------------------- consolidated weights
+
+
+def checkpoint_folder(run_dir: str | Path, tag: str | None = None) -> Path:
+    """The complete checkpoint `tag` of a run (default: its resume point)."""
+    ckpt = Checkpointer(run_dir, rank=0, world_size=1)
+    folder = ckpt.dir / tag if tag else ckpt.find_resume()
+    if folder is None or not ckpt.is_complete(folder):
+        raise ZeroLLMError(f"{ckpt.dir}: no complete checkpoint {tag or ''} to load")
+    return folder
+
+
+def consolidated_state_dict(folder: Path, engine: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole fp32 module state dict of a checkpoint of any ZeRO stage (one process, CPU).
+
+    `engine` picks one of a several-engine checkpoint. A tied head may have no entry of its
+    own (ZeRO's consolidation writes the shared tensor once).
+    """
+    names = json.loads((folder / MANIFEST).read_text()).get("engines")
+    if names and engine not in names:
+        which = f"not {engine!r}" if engine else "name the one to load"
+        raise ZeroLLMError(f"{folder}: holds engines {', '.join(names)}; {which}")
+    if not names and engine is not None:
+        raise ZeroLLMError(f"{folder}: holds one unnamed engine, not {engine!r}")
+    root, tag = (folder, engine) if names else (folder.parent, folder.name)
+    with safe_torch_load():
+        if list((root / tag).glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        else:
+            sd = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    return {k: v.float() for k, v in sd.items()}
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -308,6 +402,8 @@ def convert_to_universal(run_dir: str | Path, tag: str | None = None) -> Path:
     folder = ckpt.dir / tag if tag else ckpt.find_resume()
     if folder is None or not ckpt.is_complete(folder):
         raise ZeroLLMError(f"{ckpt.dir}: no complete checkpoint {tag or ''} to convert")
+    if json.loads((folder / MANIFEST).read_text()).get("engines"):
+        raise ZeroLLMError(f"{folder}: a checkpoint of several engines cannot be converted to universal")
     out = folder.with_name(folder.name + "_universal")
     tmp = folder.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)

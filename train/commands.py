@@ -45,32 +45,22 @@ def run_universal(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_checkpoint_model(run_dir: str, tag: str | None = None):
-    """(model, run_config) from a DeepSpeed checkpoint of any ZeRO stage, fp32 weights."""
+def load_checkpoint_model(run_dir: str, tag: str | None = None, engine: str | None = None):
+    """(model, run_config) from a DeepSpeed checkpoint of any ZeRO stage, fp32 weights.
+
+    `engine` names one engine of a checkpoint that holds several (policy, value, ...).
+    """
     from pathlib import Path
 
-    import torch
-
-    from train.checkpoint import Checkpointer, safe_torch_load
+    from train.checkpoint import checkpoint_folder, consolidated_state_dict
     from train.config import load_run_config
     from train.errors import ZeroLLMError
     from train.model import CustomLanguageModel
 
-    run = Path(run_dir)
-    cfg = load_run_config(run / "config.yaml")
-    ckpt = Checkpointer(run, rank=0, world_size=1)
-    folder = ckpt.dir / tag if tag else ckpt.find_resume()
-    if folder is None or not ckpt.is_complete(folder):
-        raise ZeroLLMError(f"{ckpt.dir}: no complete checkpoint {tag or ''} to load")
+    cfg = load_run_config(Path(run_dir) / "config.yaml")
+    folder = checkpoint_folder(run_dir, tag)
     model = CustomLanguageModel(cfg.model)
-    with safe_torch_load():
-        if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.dir), tag=folder.name)
-        else:
-            sd = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
-    sd = {k: v.float() for k, v in sd.items()}
+    sd = consolidated_state_dict(folder, engine)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # A tied head has no entry of its own in ZeRO's consolidated state dict.
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and cfg.model.tie_embeddings)]
