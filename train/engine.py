@@ -8,22 +8,39 @@ loop:
     engine = build_engine(cfg, ds, make_model)  # zero.Init under ZeRO-3, act. ckpt wiring
     set_lr(engine, lr)                        # our schedule, driven per optimizer step
 
+A stage that starts from a model (SFT from a pretrain run, PPO's policy from an HF dir):
+
+    src = open_initial_weights("runs/pretrain", overrides={"dropout": 0.1})  # shape from the source
+    cfg.model = src.config
+    engine = build_engine(cfg, ds, lambda: CustomLanguageModel(src.config), init_from=src)
+    ref = build_frozen_engine(lambda: CustomLanguageModel(src.config), ds, init_from=src)
+
+Under ZeRO-3 no rank materialises the whole model: `zero.Init` partitions each module as it
+is built, then each rank copies only its slice of each parameter from the source (HF
+safetensors are read one tensor at a time); a ZeroLLM checkpoint is consolidated on rank 0
+and sent one parameter at a time.
+
 Checkpoints (atomic save, verified resume, RNG and data position) are in
 `train/checkpoint.py`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from train.config import RunConfig, load_ds_config
 from train.errors import ZeroLLMError
+from train.model import ModelConfig
 
 log = logging.getLogger("zerollm")
 
@@ -113,20 +130,23 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     ]
 
 
-def build_engine(cfg: RunConfig, ds: dict[str, Any], make_model: Callable[[], torch.nn.Module]):
+def build_engine(
+    cfg: RunConfig,
+    ds: dict[str, Any],
+    make_model: Callable[[], torch.nn.Module],
+    init_from: InitialWeights | str | Path | None = None,
+):
     """Construct the model (inside zero.Init under ZeRO-3) and wrap it with DeepSpeed.
 
+    init_from: weights to start from (see `open_initial_weights`), copied in before
+    `deepspeed.initialize` so the optimizer's fp32 master weights are made from them.
     Returns the DeepSpeed engine; the model is `engine.module`.
     """
     import deepspeed
 
-    if zero_stage(ds) == 3:
-        # No rank ever materialises the whole model: each parameter is partitioned
-        # as soon as its module is constructed.
-        with deepspeed.zero.Init(config_dict_or_path=ds):
-            model = make_model()
-    else:
-        model = make_model()
+    model = construct_model(ds, make_model)
+    if init_from is not None:
+        load_initial_weights(model, _as_source(init_from))
     wire_activation_checkpointing(model, cfg, ds)
     if cfg.train.compile:
         model.compile()
@@ -136,6 +156,242 @@ def build_engine(cfg: RunConfig, ds: dict[str, Any], make_model: Callable[[], to
         config=ds,
     )
     return engine
+
+
+def construct_model(ds: dict[str, Any], make_model: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`make_model()`, inside `deepspeed.zero.Init` when `ds` is ZeRO-3."""
+    import deepspeed
+
+    if zero_stage(ds) == 3:
+        # No rank ever materialises the whole model: each parameter is partitioned
+        # as soon as its module is constructed.
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            return make_model()
+    return make_model()
+
+
+def build_frozen_engine(
+    make_model: Callable[[], torch.nn.Module],
+    ds: dict[str, Any],
+    init_from: InitialWeights | str | Path | None = None,
+    offload_param: bool = False,
+):
+    """An inference-only engine (PPO/DPO reference or reward model): no optimizer, no
+    gradients, `eval()`.
+
+    Takes the training ds_config's batch and precision settings. Under ZeRO-3 the weights
+    stay partitioned (gathered layer by layer in forward); `offload_param` keeps this rank's
+    partitions in CPU memory (ZeRO-3 only). Other stages give a plain replicated module.
+    Call it as the training engine: `logits, _ = engine(idx)`.
+    """
+    import deepspeed
+
+    frozen = frozen_ds_config(ds, offload_param)
+    model = construct_model(frozen, make_model)
+    if init_from is not None:
+        load_initial_weights(model, _as_source(init_from))
+    model.requires_grad_(False)
+    model.eval()
+    engine, *_ = deepspeed.initialize(model=model, config=frozen)
+    engine.eval()
+    return engine
+
+
+def frozen_ds_config(ds: dict[str, Any], offload_param: bool = False) -> dict[str, Any]:
+    """`ds` without optimizer, scheduler and gradient settings; ZeRO-3 stays, other stages -> 0."""
+    stage = zero_stage(ds)
+    if offload_param and stage != 3:
+        raise ZeroLLMError(f"offload_param needs zero_optimization.stage 3, the ds_config has {stage}")
+    keep = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+    frozen = {k: copy.deepcopy(ds[k]) for k in keep if k in ds}
+    frozen["steps_per_print"] = 10**9
+    zero = {"stage": 0}
+    if stage == 3:
+        zero = {k: v for k, v in ds["zero_optimization"].items() if not k.startswith("offload_")}
+        if offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    frozen["zero_optimization"] = zero
+    return frozen
+
+
+# ----------------------------------------------------------------------------- starting weights
+
+
+@dataclass
+class InitialWeights:
+    """Weights a stage starts from: a Hugging Face GPT-2/Llama dir or a ZeroLLM run.
+
+    `config` is the source's model config with the caller's overrides; `read(name)` gives
+    one of our parameters (full tensor, source dtype); `shape(name)` its shape, cheaply for
+    HF dirs. `every_rank`: each rank can read any tensor alone (safetensors); otherwise
+    only rank 0 reads (a consolidated checkpoint) and parameters are broadcast.
+    """
+
+    path: Path
+    kind: str  # "hf" or "run"
+    config: ModelConfig
+    overridden: dict[str, tuple[Any, Any]]  # field -> (source value, value used)
+    read: Callable[[str], torch.Tensor]
+    shape: Callable[[str], tuple[int, ...]]
+    every_rank: bool
+
+    def describe(self) -> str:
+        """One line: which settings came from the source and which the caller overrode."""
+        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in self.overridden]
+        taken = ", ".join(f"{k}={getattr(self.config, k)!r}" for k in fields)
+        over = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.overridden.items()) or "nothing"
+        return f"model from {self.kind} {self.path}: taken from the source: {taken}; overridden: {over}"
+
+
+def open_initial_weights(
+    path: str | Path, overrides: dict[str, Any] | None = None, tag: str | None = None, engine: str | None = None
+) -> InitialWeights:
+    """Open an HF model dir (config.json + safetensors) or a ZeroLLM run dir (config.yaml +
+    checkpoints/: checkpoint `tag`, default its resume point; `engine` picks one engine of a
+    several-engine checkpoint). The model shape comes from the source; `overrides` set
+    ModelConfig fields that do not change the weights' shapes (dropout, activation
+    checkpointing, ...). Nothing is read but configs and tensor headers until `read`.
+    """
+    path = Path(path)
+    overrides = dict(overrides or {})
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ZeroLLMError(
+            f"unknown model field(s) {', '.join(unknown)} to override (valid: {', '.join(sorted(valid))})"
+        )
+    if (path / "config.json").is_file():
+        source = _hf_source(path, overrides)
+    elif (path / "config.yaml").is_file():
+        source = _run_source(path, overrides, tag, engine)
+    else:
+        raise ZeroLLMError(f"{path}: neither a Hugging Face model dir (config.json) nor a ZeroLLM run (config.yaml)")
+    if _rank() == 0:
+        log.info("%s", source.describe())
+    return source
+
+
+def _overridden(base: ModelConfig, cfg: ModelConfig, overrides: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (getattr(base, k), getattr(cfg, k)) for k in overrides}
+
+
+def _hf_source(path: Path, overrides: dict[str, Any]) -> InitialWeights:
+    from train.hf_export import HFTensors, config_from_hf, hf_weight_recipe, read_hf_config
+
+    hf_cfg = read_hf_config(path)
+    base, cfg = config_from_hf(hf_cfg), config_from_hf(hf_cfg, **overrides)
+    tensors = HFTensors(path)
+    try:
+        recipe = hf_weight_recipe(cfg, tensors.keys())
+    except KeyError as e:
+        raise ZeroLLMError(f"{path}: weights lack {e.args[0]!r} for a {cfg.n_layer}-layer {hf_cfg.model_type}") from e
+
+    def read(name: str) -> torch.Tensor:
+        keys, fn = recipe[name]
+        return fn(*(tensors[k] for k in keys))
+
+    def shape(name: str) -> tuple[int, ...]:
+        keys, fn = recipe[name]  # the recipe run on meta tensors: shapes without reading
+        return tuple(fn(*(torch.empty(tensors.shape(k), device="meta") for k in keys)).shape)
+
+    return InitialWeights(path, "hf", cfg, _overridden(base, cfg, overrides), read, shape, every_rank=True)
+
+
+def _run_source(path: Path, overrides: dict[str, Any], tag: str | None, engine: str | None) -> InitialWeights:
+    from train.checkpoint import checkpoint_folder, consolidated_state_dict
+    from train.config import load_run_config
+
+    base = load_run_config(path / "config.yaml").model
+    cfg = dataclasses.replace(base, **overrides)
+    folder = checkpoint_folder(path, tag)
+    loaded: dict[str, torch.Tensor] = {}
+
+    def state() -> dict[str, torch.Tensor]:
+        if not loaded:  # consolidated on first use, by the ranks that read
+            loaded.update(consolidated_state_dict(folder, engine))
+        return loaded
+
+    def read(name: str) -> torch.Tensor:
+        sd = state()
+        if name not in sd and name == "lm_head.weight" and cfg.tie_embeddings:
+            name = "wte.weight"  # a tied head is stored once
+        if name not in sd:
+            raise ZeroLLMError(f"{folder}: checkpoint has no {name!r} (is it a run of this model family?)")
+        return sd[name]
+
+    return InitialWeights(
+        folder, "run", cfg, _overridden(base, cfg, overrides), read, lambda n: tuple(read(n).shape), every_rank=False
+    )
+
+
+def _as_source(init_from: InitialWeights | str | Path) -> InitialWeights:
+    return init_from if isinstance(init_from, InitialWeights) else open_initial_weights(init_from)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def load_initial_weights(model: torch.nn.Module, source: InitialWeights) -> None:
+    """Copy `source` into `model`'s parameters (built by `construct_model`, before
+    `deepspeed.initialize`), one parameter at a time.
+
+    ZeRO-3: each rank writes only its partition `p.ds_tensor` (the rank's slice of the
+    flattened parameter, zero-padded to a multiple of the group size: DeepSpeed's
+    `_partition_param`); a rank-0-only source goes through `GatheredParameters`, one
+    parameter gathered at a time. Shapes are checked on rank 0 before anything is copied.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    params = list(model.named_parameters())  # a tied head appears once, as wte.weight
+    zero3 = any(hasattr(p, "ds_id") for _, p in params)
+    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
+    errors = _shape_errors(params, source) if rank == 0 or not zero3 else []
+    if zero3 and world > 1:
+        box = [errors]
+        dist.broadcast_object_list(box, src=0)
+        errors = box[0]
+    if errors:
+        raise ZeroLLMError(f"{source.path}: the model does not match the source: {'; '.join(errors[:5])}")
+    with torch.no_grad():
+        for name, p in params:
+            if not hasattr(p, "ds_id"):
+                p.copy_(source.read(name))
+            elif source.every_rank and getattr(p, "ds_secondary_tensor", None) is None:
+                _fill_partition(p, source.read(name))
+            else:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        p.copy_(source.read(name))
+
+
+def _shape_errors(params: list[tuple[str, torch.nn.Parameter]], source: InitialWeights) -> list[str]:
+    errors = []
+    for name, p in params:
+        want = tuple(getattr(p, "ds_shape", p.shape))
+        try:
+            got = source.shape(name)
+        except (KeyError, ZeroLLMError):
+            errors.append(f"{name} is missing")
+            continue
+        if got != want:
+            errors.append(f"{name} is {list(got)} in the source, {list(want)} in the model (an override changed it?)")
+    return errors
+
+
+def _fill_partition(p: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Copy this rank's slice of `full` into ZeRO-3 parameter `p`'s partition."""
+    import torch.distributed as dist
+
+    part = p.ds_tensor  # (partition_size,) = ceil(numel / group size)
+    start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
+    flat = full.reshape(-1)  # (numel,) row-major, as DeepSpeed flattens
+    n = max(0, min(part.ds_numel, flat.numel() - start))
+    part.narrow(0, 0, n).copy_(flat.narrow(0, start, n))
+    part.narrow(0, n, part.ds_numel - n).zero_()  # the padding of the last partition
 
 
 def wire_activation_checkpointing(model: torch.nn.Module, cfg: RunConfig, ds: dict[str, Any]) -> None:
