@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from tests.conftest import REPO, run_cli
-from train.config import fill_auto, load_ds_config, load_run_config, read_ds_config
+from train.config import check_ds_keys, fill_auto, load_ds_config, load_run_config, model_preset, read_ds_config
 from train.errors import ConfigError
 
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -94,6 +96,21 @@ BAD_CASES = {
         ["ds.json", "train_batch_size: 12", "micro_batch 4", "grad_accum 2", "world_size 2", "= 16"],
     ),
     "unknown_zero_stage": ("train: {}\n", '{"zero_optimization": {"stage": 4}}', 1, ["zero_optimization.stage", "4"]),
+    "misspelled_ds_top_key": (
+        "train: {}\n",
+        '{"zero_optimisation": {"stage": 2}}',
+        1,
+        ["ds.json: zero_optimisation: unknown DeepSpeed key", "did you mean zero_optimization?"],
+    ),
+    "misspelled_zero_key": (
+        "train: {}\n",
+        '{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 10}}',
+        1,
+        [
+            "ds.json: zero_optimization.stage3_prefetch_bucket_sise: unknown",
+            "did you mean stage3_prefetch_bucket_size?",
+        ],
+    ),
 }
 
 
@@ -125,3 +142,59 @@ def test_console_script_lists_subcommands():
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "check-config" in result.stdout
+
+
+@dataclasses.dataclass
+class ToySectionConfig:  # what a post-training stage's config looks like
+    RANGES: ClassVar[dict] = {"beta": (0, 1)}
+    beta: float = 0.1
+    train_file: str = ""
+
+
+def test_a_stage_section_loads_strictly_and_is_part_of_the_hash(tmp_path):
+    run = write(tmp_path, "run.yaml", TINY.read_text() + "toy:\n  beta: 0.5\n")
+    cfg = load_run_config(run, extra_sections={"toy": ToySectionConfig})
+    assert cfg.sections["toy"] is cfg.toy and cfg.toy.beta == 0.5
+    assert cfg.to_dict()["toy"] == {"beta": 0.5, "train_file": ""}
+    other = load_run_config(run, {"toy.beta": 0.25}, extra_sections={"toy": ToySectionConfig})
+    assert other.toy.beta == 0.25 and other.hash() != cfg.hash()
+    assert load_run_config(TINY).hash() == load_run_config(TINY, extra_sections={}).hash()
+    with pytest.raises(ConfigError, match=r"run.yaml: toy.beta: value 2.0 is out of range \[0, 1\]"):
+        load_run_config(run, {"toy.beta": 2}, extra_sections={"toy": ToySectionConfig})
+    with pytest.raises(ConfigError, match=r"run.yaml: toy.bta: unknown key \(valid keys: beta, train_file\)"):
+        load_run_config(run, {"toy.bta": 2}, extra_sections={"toy": ToySectionConfig})
+    with pytest.raises(
+        ConfigError, match=r"run.yaml: toy: unknown section \(valid sections: model, data, train, logging\)"
+    ):
+        load_run_config(run)
+    with pytest.raises(ConfigError, match="would replace a built-in section"):
+        load_run_config(TINY, extra_sections={"train": ToySectionConfig})
+
+
+def test_one_preset_table_for_the_model_and_the_run_config():
+    from train.model import PRESETS, from_name
+
+    assert model_preset("tiny") == PRESETS["tiny"]
+    assert load_run_config(TINY).model == from_name("tiny")
+    with pytest.raises(ConfigError, match=r"unknown model preset 'gpt5' \(presets: .*tiny"):
+        from_name("gpt5")
+
+
+def test_ds_key_check_follows_nested_models_and_skips_free_form_params():
+    check_ds_keys({"optimizer": {"type": "AdamW", "params": {"anything": 1}}, "zero_optimization": False})
+    cases = {
+        "zero_optimization.offload_param.devcie": (
+            {"zero_optimization": {"offload_param": {"devcie": "cpu"}}},
+            "device",
+        ),
+        "bf16.enable": ({"bf16": {"enable": True}}, "enabled"),
+        "activation_checkpointing.partition_activation": (
+            {"activation_checkpointing": {"partition_activation": True}},
+            "partition_activations",
+        ),
+    }
+    for dotted, (ds, near) in cases.items():
+        with pytest.raises(ConfigError, match=rf"x.json: {dotted}: unknown DeepSpeed key \(did you mean {near}\?\)"):
+            check_ds_keys(ds, "x.json")
+    with pytest.raises(ConfigError, match="x.json: elasticity: Elastic training has been removed"):
+        check_ds_keys({"elasticity": {}}, "x.json")

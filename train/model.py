@@ -111,15 +111,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields of a named preset (a copy); the one preset lookup, also behind `model.preset:`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r} (presets: {', '.join(sorted(PRESETS)) or 'none'})")
+    return dict(PRESETS[name])
+
+
 def from_name(name: str, **overrides: Any) -> ModelConfig:
     """The `ModelConfig` of a preset (train/presets/<name>.yaml), with fields overridden."""
-    if name not in PRESETS:
-        raise ZeroLLMError(f"unknown model preset {name!r} (presets: {', '.join(sorted(PRESETS))})")
+    base = preset_fields(name)
     valid = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise ZeroLLMError(f"unknown model field(s) {', '.join(unknown)} (valid: {', '.join(sorted(valid))})")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+        raise ConfigError(f"unknown model field(s) {', '.join(unknown)} (valid: {', '.join(sorted(valid))})")
+    return ModelConfig(**{**base, **overrides})
 
 
 # ----------------------------------------------------------------------------- positions, masks
