@@ -5,11 +5,13 @@
         [--launcher pdsh|openmpi|slurm] [--env NAME[=VALUE] ...] [--set K=V ...] [--dry-run]
 
 Before any rank starts: the run config and the DeepSpeed config load, the batch
-arithmetic holds for the world size the hostfile and filters give, the data files
-exist, the stage module exists. Then it prints and runs the exact `deepspeed` command,
-always with an explicit `--master_addr` (the first node's address; deepspeed would
-otherwise ask `hostname -I`). Every rank runs `python -m launch.rank STAGE_MODULE ...`
-(heartbeat, process-group timeouts, death with its launcher; see `launch.watchdog`).
+arithmetic holds for the world size the hostfile and filters give, the stage module
+imports, and its inputs exist (the stage's `preflight(cfg)`, else the .bin/.idx check).
+`--set` overrides apply before any of it, as they do on every rank. Then it prints and
+runs the exact `deepspeed` command, always with an explicit `--master_addr` (the first
+node's address; deepspeed would otherwise ask `hostname -I`). Every rank runs
+`python -m launch.rank STAGE_MODULE ...` (heartbeat, process-group timeouts, death with
+its launcher; see `launch.watchdog`).
 
 Environment: PATH, PYTHONPATH, OMP_*, NCCL_*, HF_*, TORCH_*, DEEPSPEED_*, ZEROLLM_* ...
 (`launch.env.FORWARD*`), the user's ~/.deepspeed_env and ./.deepspeed_env, and each
@@ -30,6 +32,7 @@ import re
 import shlex
 import socket
 import sys
+import types
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -133,23 +136,17 @@ def run_launch(args: argparse.Namespace) -> int:
 
 def preflight(args: argparse.Namespace) -> Plan:
     """Every check that can fail before a rank starts; returns what the launch needs."""
-    import importlib.util
-
     from launch import hostfile as hf
     from launch.env import EnvError, forwarded, parse_env_args, read_user_env_file
-    from train.config import load_ds_config, load_run_config
+    from train.config import load_ds_config, load_run_config, parse_overrides
     from train.errors import ZeroLLMError
 
-    cfg = load_run_config(args.config)
     module = args.module or STAGES.get(args.stage)
     if module is None:
         raise ZeroLLMError(f"unknown stage {args.stage!r} (stages: {', '.join(STAGES)}; or pass --module)")
-    try:
-        found = importlib.util.find_spec(module)
-    except ModuleNotFoundError:
-        found = None
-    if found is None:
-        raise ZeroLLMError(f"stage {args.stage!r}: module {module} is not importable from {os.getcwd()}")
+    stage = import_stage(module, args.stage)
+    sections = getattr(stage, "CONFIG_SECTIONS", None)
+    cfg = load_run_config(args.config, parse_overrides(args.set), extra_sections=sections)
 
     path = args.hostfile
     if path is None and args.launcher != "slurm" and os.path.isfile("/job/hostfile"):
@@ -164,7 +161,7 @@ def preflight(args: argparse.Namespace) -> Plan:
     world_size = sum(len(s) for s in active.values())
     multi_node = args.launcher == "slurm" or (path is not None and len(active) > 1)
     load_ds_config(args.ds_config, cfg, world_size)  # batch arithmetic for this world size
-    _check_data(cfg)
+    _check_inputs(stage, cfg)
 
     master_addr = args.master_addr or hf.resolve(next(iter(active)))
     if not re.match(r"^[A-Za-z0-9_.:-]+$", master_addr):
@@ -194,23 +191,31 @@ def preflight(args: argparse.Namespace) -> Plan:
                 multi_node, env)  # fmt: skip
 
 
-def _check_data(cfg) -> None:
+def import_stage(module: str, stage: str = "") -> types.ModuleType:
+    """Import a stage module (stages import only light modules at the top)."""
+    import importlib
+    import importlib.util
+
     from train.errors import ZeroLLMError
 
-    for key in ("train", "valid"):
-        for item in getattr(cfg.data, key):
-            try:
-                float(item)
-                continue  # a blend weight
-            except ValueError:
-                pass
-            for ext in (".bin", ".idx"):
-                if not Path(item + ext).is_file():
-                    raise ZeroLLMError(
-                        f"{cfg.path}: data.{key}: {item}{ext} not found (run `zerollm preprocess` to make it)"
-                    )
-    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_dir():
-        raise ZeroLLMError(f"{cfg.path}: data.tokenizer: directory {cfg.data.tokenizer} not found")
+    name = stage or module
+    try:
+        found = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        found = None
+    if found is None:
+        raise ZeroLLMError(f"stage {name!r}: module {module} is not importable from {os.getcwd()}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ZeroLLMError(f"stage {name!r}: importing {module} failed: {e}") from None
+
+
+def _check_inputs(stage: types.ModuleType, cfg) -> None:
+    """The stage's own `preflight(cfg)` input check; without one, the token-data check."""
+    from train.config import check_token_data
+
+    getattr(stage, "preflight", check_token_data)(cfg)
 
 
 def _local_device_count() -> int:
