@@ -88,13 +88,51 @@ def test_tied_weights_are_one_tensor_and_untied_are_two(tiny):
     tied = CustomLanguageModel(tiny("gpt2"))
     assert tied.lm_head.weight is tied.wte.weight
     assert len({id(p) for p in tied.parameters()}) == len(list(tied.parameters()))
-    logits, loss = tied(torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 8)))
+    idx = torch.randint(1, 512, (1, 8))
+    logits, loss = tied(idx, torch.randint(0, 512, (1, 8)))
     loss.backward()
+    _assert_finite_nonzero_grads(tied, skip={"wpe.weight"})
+    _assert_finite_nonzero_grads(tied.wpe, rows=slice(0, 8))
+    assert torch.count_nonzero(tied.wpe.weight.grad[8:]) == 0  # positions 8.. were never used
+    assert 0 not in idx and torch.count_nonzero(tied.wte.weight.grad[0]) > 0  # never looked up: the head's share
     with torch.no_grad():
         tied.wte.weight[3] += 1.0
     assert torch.equal(tied.lm_head.weight[3], tied.wte.weight[3])
     untied = CustomLanguageModel(tiny("llama"))
     assert untied.lm_head.weight is not untied.wte.weight
+
+
+def _assert_finite_nonzero_grads(module: torch.nn.Module, skip: set[str] = frozenset(), rows=slice(None)) -> None:
+    for name, p in module.named_parameters():
+        if name in skip:
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        g = p.grad[rows] if p.dim() == 2 else p.grad
+        assert torch.isfinite(g).all(), f"{name}: non-finite gradient"
+        assert torch.count_nonzero(g) > 0, f"{name}: zero gradient"
+
+
+def test_backward_reaches_every_parameter_and_no_padded_or_masked_row(style, tiny):
+    """Vocab 500 padded to 512; row 0 trains, row 1 is all token 9 with every target masked."""
+    model = CustomLanguageModel(tiny(style, vocab_size=500, pad_vocab_multiple=64))
+    idx = torch.randint(10, 500, (2, 8))
+    idx[1] = 9  # token 9 occurs only in the masked row
+    targets = torch.randint(0, 500, (2, 8))
+    targets[1] = -100
+    model(idx, targets)[1].backward()
+    embeddings = {"wte.weight", "wpe.weight", "lm_head.weight"}
+    _assert_finite_nonzero_grads(model, skip=embeddings)
+    _assert_finite_nonzero_grads(model.lm_head, rows=slice(0, 500))  # softmax over the whole real vocab
+    assert torch.count_nonzero(model.lm_head.weight.grad[500:]) == 0  # padded ids: never a logit
+    wte = model.wte.weight.grad
+    assert torch.count_nonzero(wte[500:]) == 0
+    for token in idx[0].unique():
+        assert torch.count_nonzero(wte[token]) > 0, int(token)
+    if model.lm_head.weight is not model.wte.weight:  # untied: only looked-up rows that reach a loss
+        assert torch.count_nonzero(wte[9]) == 0 and torch.count_nonzero(wte[:9]) == 0
+    if model.wpe is not None:
+        assert torch.count_nonzero(model.wpe.weight.grad[:8]) > 0
+        assert torch.count_nonzero(model.wpe.weight.grad[8:]) == 0
 
 
 def test_padded_vocab_gives_the_same_logits_and_never_exposes_padded_ids(style, tiny):
@@ -187,11 +225,20 @@ def test_gpt2_presets_have_the_published_parameter_counts(name, published):
     assert model.num_parameters() == published
 
 
-def test_flops_per_token_is_6n_plus_attention_term():
-    model = CustomLanguageModel(from_name("tiny"))
-    c = model.cfg
-    n_matmul = model.num_parameters(exclude_embeddings=True) + c.vocab_size * c.d_model  # head over real vocab
-    assert model.flops_per_token(128) == 6 * n_matmul + 12 * c.n_layer * c.d_model * 128
+def test_flops_per_token_of_the_tiny_preset_at_seq_len_128():
+    # tiny: 2 layers, d_model 64, 4 heads, GELU MLP 256, biases, LayerNorm, vocab 512.
+    #   attention: qkv 64*192 + 192, proj 64*64 + 64                      = 16,640
+    #   mlp:       fc 64*256 + 256, proj 256*64 + 64                      = 33,088
+    #   2 LayerNorms of 64 weights + 64 biases                            =    256
+    #   per block 49,984; 2 blocks 99,968; final LayerNorm 128; head 512*64 = 32,768
+    #   N = 132,864 (no wte/wpe lookups) -> 6N = 797,184
+    #   attention term 12 * n_layer 2 * d_model 64 * T 128                 = 196,608
+    assert CustomLanguageModel(from_name("tiny")).flops_per_token(128) == 993_792
+    # Llama style (RMSNorm weight only, no biases, SwiGLU 256 = ceil(170/256)*256, 2 kv heads):
+    #   attention 64*(4+2*2)*16 + 64*64 = 12,288; mlp 64*512 + 256*64 = 49,152; norms 128
+    #   per block 61,568; 2 blocks 123,136; final norm 64; head 32,768 -> N = 155,968, 6N = 935,808
+    llama = from_name("tiny", pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2)
+    assert CustomLanguageModel(llama).flops_per_token(128) == 935_808 + 196_608
 
 
 def test_presets_exist_and_tiny_is_small():
