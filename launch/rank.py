@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     watchdog.die_with_parent()
     watchdog.start_heartbeat()
     watchdog.install_pg_timeouts()
+    # A stage that goes through train.run leaves with os._exit from its own exit path
+    # (orderly teardown, no native destructors at shutdown); it reports the code first.
+    from train import run
+
+    run.add_exit_hook(watchdog.report_exit)
     sys.argv = [module, *leading, *argv]
     code: int = 1
     try:
@@ -40,10 +45,13 @@ def main(argv: list[str] | None = None) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         raise
     finally:
-        # The stage is done: a late or duplicate stop signal must not turn a clean exit
-        # (0, or 75 after a checkpoint) into death by signal during interpreter shutdown.
+        # Only a module that does not exit through train.run gets here (a --module script,
+        # a usage error): its process groups still end in order before Python shuts down,
+        # and a late or duplicate stop signal must not turn its exit into death by signal.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
+        if code in (0, 75):
+            run.end_process_groups(run.EXIT_BARRIER_S)
         watchdog.report_exit(code)
 
 

@@ -16,7 +16,15 @@ log = logging.getLogger("zerollm")
 
 
 class Metrics:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, total_steps: int, start_step: int):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool,
+        total_steps: int,
+        start_step: int,
+        stage: str = "train",
+    ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.file = None
@@ -35,7 +43,7 @@ class Metrics:
                 log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True)
         self.t0 = time.time()
 
     def log(self, step: int, values: dict[str, Any]) -> None:
