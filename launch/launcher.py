@@ -2,7 +2,7 @@
 
     zerollm launch pretrain --config RUN.yaml --deepspeed_config ds_configs/zero2.json \\
         --hostfile hostfile [--include/--exclude | --num_nodes/--num_gpus] \\
-        [--launcher pdsh|openmpi|slurm] [--env NAME[=VALUE] ...] [--set K=V ...] [--dry-run]
+        [--launcher pdsh|openmpi|slurm] [--env NAME[=VALUE] ...] [--set K=V ...] [--dry-run] [--verbose]
 
 Before any rank starts: the run config and the DeepSpeed config load, the batch
 arithmetic holds for the world size the hostfile and filters give, the stage module
@@ -21,6 +21,12 @@ parses (RUN_DIR/launch/deepspeed_env, mode 0600, escaped for its remote shell).
 Signals and failures: see `launch.supervisor`. `--launcher slurm` runs inside an
 allocation (launch/slurm/*.sbatch): one `python -m launch.node` task per node via srun,
 each starting `deepspeed --no_ssh --node_rank=$SLURM_NODEID` and supervising its ranks.
+
+Output: the terminal shows ZeroLLM's own lines (`zerollm launch:`, rank 0's `[rank0] ...`,
+other ranks' warnings), the stage's progress bar and every error or traceback; all of it,
+with DeepSpeed's and torch's own chatter, goes to RUN_DIR/logs/launch-JOB.log
+(`launch.supervisor.OutputFilter`). `--verbose` shows everything. Under Slurm, srun
+writes each node's output to RUN_DIR/logs/slurm-*.log.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pg_timeout", type=float, default=600.0, help="s for every process group's collectives")
     g.add_argument("--stop_grace", type=float, default=120.0, help="s for a graceful stop before a kill")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="check and print only")
+    p.add_argument("--verbose", action="store_true",
+                   help="show DeepSpeed's and torch's output too (always in RUN_DIR/logs/launch-JOB.log)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="run-config override, passed to the stage as --set")  # fmt: skip
     p.add_argument("--stage_arg", action="append", default=[], metavar="ARG", help="one more argument for the stage")
@@ -96,6 +104,8 @@ def run_launch(args: argparse.Namespace) -> int:
     from launch.supervisor import Supervisor, bind_heartbeat
 
     log = logging.getLogger("zerollm.launch")
+    if not args.verbose:
+        _quiet_deepspeed_here()
     plan = preflight(args)
     job_id = uuid.uuid4().hex[:12]
     if args.launcher == "slurm":
@@ -117,8 +127,11 @@ def run_launch(args: argparse.Namespace) -> int:
     cmd = build_command(args, plan)
     print(f"zerollm launch: job {job_id}, world size {plan.world_size} on {', '.join(plan.active)}", flush=True)
     print(f"zerollm launch: {shlex.join(cmd)}", flush=True)
+    output = plan.run_dir / "logs" / f"launch-{job_id}.log"
     if args.dry_run:
         return 0
+    shown = "shown here too" if args.verbose else "--verbose shows it here"
+    print(f"zerollm launch: DeepSpeed's and torch's own output: {output} ({shown})", flush=True)
     if plan.multi_node:
         from launch.env import write_env_file
 
@@ -127,8 +140,27 @@ def run_launch(args: argparse.Namespace) -> int:
         cmd, run_env, job_id, nodes=list(plan.active), remote=plan.multi_node and args.launcher == "pdsh",
         heartbeat=heartbeat, heartbeat_timeout=args.heartbeat_timeout, stop_grace=args.stop_grace,
         signal_child_only=plan.multi_node and args.launcher != "pdsh", python=sys.executable,
+        log_path=output, verbose=args.verbose,
     )  # fmt: skip
     return sup.run()
+
+
+class _ErrorsOnly:
+    """A logging filter: records at ERROR and above."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40
+
+
+def _quiet_deepspeed_here() -> None:
+    """This process's own DeepSpeed chatter (accelerator detection while counting devices)
+    stays off the terminal like the job's. A filter, not a level: DeepSpeed sets its
+    logger's level when it is first imported."""
+    import logging
+
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in ds.filters):
+        ds.addFilter(_ErrorsOnly())
 
 
 # ----------------------------------------------------------------------------- pre-flight

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -214,3 +215,101 @@ def test_pg_timeout_bounds_groups_created_later_without_a_timeout(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+# What a 2-rank run writes to its launcher's stdout+stderr, in order (shortened real lines).
+TRANSCRIPT = [
+    "[2026-12-01 11:09:19,778] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.\n",
+    "[2026-12-01 11:09:27,366] [INFO] [launch.py:245:main] process 6658 spawned with command: ['python', '-u']\n",
+    "[W1201 11:09:30.123456 ProcessGroupGloo.cpp:514] Warning: Unable to resolve hostname (an error is possible)\n",
+    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n",
+    "[rank0] model: 141,056 parameters; world size 2; ZeRO stage 2\n",
+    "\rpretrain:   0%|          | 0/4 [00:00<?, ?step/s]",
+    "/venv/torch/distributed/c10d_logger.py:83: FutureWarning: `all_gather_into_tensor` is deprecated, or errors\n",
+    "  return func(*args, **kwargs)\n",
+    "\rpretrain:  50%|█████     | 2/4 [00:02<00:05,  2.56s/step, loss=6.2618]",
+    "\rpretrain: 100%|██████████| 4/4 [00:02<00:00,  1.38step/s, loss=6.2425]",
+    "\n",
+    "[rank1] checkpoint dir is not shared between nodes\n",
+    "Traceback (most recent call last):\n",
+    '  File "/work/main/train/run.py", line 35, in <module>\n',
+    "    from train.config import parse_overrides\n",
+    "ImportError: cannot import name 'parse_overrides'\n",
+    "[2026-12-01 11:05:44,574] [INFO] [launch.py:253:sigkill_handler] Killing subprocess 4851\n",
+    "[2026-12-01 11:05:44,577] [ERROR] [launch.py:259:sigkill_handler] ['python', '-u'] exits with return code = 1\n",
+    "zerollm: error: data.train: /data/x.bin not found\n",
+    "terminate called without an active exception\n",
+]
+SHOWN = (
+    "[rank0] model: 141,056 parameters; world size 2; ZeRO stage 2\n"
+    "pretrain:   0%|          | 0/4 [00:00<?, ?step/s]"  # the warning after it is hidden
+    "\rpretrain:  50%|█████     | 2/4 [00:02<00:05,  2.56s/step, loss=6.2618]"
+    "\rpretrain: 100%|██████████| 4/4 [00:02<00:00,  1.38step/s, loss=6.2425]\n"
+    "[rank1] checkpoint dir is not shared between nodes\n"
+    "Traceback (most recent call last):\n"
+    '  File "/work/main/train/run.py", line 35, in <module>\n'
+    "    from train.config import parse_overrides\n"
+    "ImportError: cannot import name 'parse_overrides'\n"
+    "[2026-12-01 11:05:44,577] [ERROR] [launch.py:259:sigkill_handler] ['python', '-u'] exits with return code = 1\n"
+    "zerollm: error: data.train: /data/x.bin not found\n"
+    "terminate called without an active exception\n"
+)
+
+
+def _filtered(chunks, **kw) -> str:
+    from launch.supervisor import OutputFilter
+
+    f = OutputFilter(**kw)
+    return "".join(f.feed(c) for c in chunks) + f.close()
+
+
+def test_terminal_shows_our_lines_bars_and_errors_not_deepspeed_chatter():
+    assert _filtered(TRANSCRIPT) == SHOWN
+    # However the pipe cuts the text (bar redraws arrive whole: tqdm writes each at once).
+    whole = "".join(TRANSCRIPT)
+    assert _filtered([whole]) == SHOWN
+    lines = [c for t in TRANSCRIPT for c in ([t] if t.startswith("\rpretrain") else t)]  # char by char
+    assert _filtered(lines) == SHOWN
+    assert _filtered(TRANSCRIPT, verbose=True) == whole + "\n"[: not whole.endswith("\n")]
+
+
+def test_a_bar_redraw_reaches_the_terminal_before_its_newline():
+    from launch.supervisor import OutputFilter
+
+    f = OutputFilter()
+    assert f.feed("[rank0] step 1\n\rpretrain:  25%|██▌  | 1/4") == "[rank0] step 1\npretrain:  25%|██▌  | 1/4"
+    assert f.feed("[2026-12-01 11:10:00,605] [INFO] [launch.py:285:main] Process 6659 exits successfully.\n") == ""
+    assert f.feed("[rank0] done\n") == "\n[rank0] done\n"  # on a line of its own, not after the bar
+
+
+def test_remote_lines_keep_their_host_and_are_judged_without_it():
+    chunks = [
+        "127.0.0.2: [2026-12-01 11:09:27,366] [INFO] [launch.py:152:main] WORLD INFO DICT: {}\n",
+        "127.0.0.2: [rank1] resumed from runs/x/checkpoints/step00000002\n",
+        "127.0.0.2: Traceback (most recent call last):\n",
+        '127.0.0.2:   File "x.py", line 1, in <module>\n',
+        "127.0.0.2: RuntimeError: gloo connection reset\n",
+        "127.0.0.2: [2026-12-01 11:09:27,366] [INFO] [launch.py:253:sigkill_handler] Killing subprocess 12\n",
+    ]
+    assert _filtered(chunks, hosts=["127.0.0.1", "127.0.0.2"]) == "".join(chunks[1:5])
+
+
+def test_supervisor_logs_everything_shows_the_filtered_part_and_keeps_the_exit_code(tmp_path, capsys, caplog):
+    from launch.supervisor import Supervisor
+
+    script = (
+        "import sys\n"
+        "print('[2026-12-01 11:09:27,366] [INFO] [launch.py:152:main] WORLD INFO DICT')\n"
+        "print('[rank0] step 1', flush=True)\n"
+        "sys.stderr.write('\\rpretrain: 100%|##| 1/1 [00:00<00:00]\\n')\n"
+        "sys.exit('zerollm: error: something a user can fix')\n"
+    )
+    log = tmp_path / "logs" / "launch-j1.log"
+    sup = Supervisor([sys.executable, "-c", script], dict(os.environ), "j1", nodes=["localhost"], log_path=log)
+    assert sup.run() == 1
+    out = capsys.readouterr()
+    assert out.out == "[rank0] step 1\npretrain: 100%|##| 1/1 [00:00<00:00]\nzerollm: error: something a user can fix\n"
+    assert re.search(
+        rf"job j1 ended with exit code 1 after \d+ s; its whole output is in {re.escape(str(log))}", caplog.text
+    )
+    assert "[INFO] [launch.py:152:main] WORLD INFO DICT\n[rank0] step 1\n" in log.read_text()
