@@ -318,16 +318,17 @@ def export_hf(
 class HFTensors:
     """The tensors of an HF model dir, read one at a time by name (nothing loaded up front).
 
-    safetensors files are memory-mapped per tensor; pytorch_model*.bin files (pickles, no
-    random access) are loaded whole on first use.
+    Each read maps its safetensors file only while copying that tensor out, so the pages
+    of tensors already read do not stay in this process's memory. pytorch_model*.bin files
+    (pickles, no random access) are loaded whole on first use.
     """
 
     def __init__(self, path: Path):
         self.path, self._bin = path, None
-        self._files: dict[str, Any] = {}  # tensor name -> open safe_open handle
+        self._files: dict[str, str] = {}  # tensor name -> safetensors file
         for f in sorted(path.glob("*.safetensors")):
-            handle = safe_open(str(f), framework="pt", device="cpu")
-            self._files.update(dict.fromkeys(handle.keys(), handle))
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                self._files.update(dict.fromkeys(handle.keys(), str(f)))
         if not self._files and not sorted(path.glob("pytorch_model*.bin")):
             raise ZeroLLMError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
 
@@ -342,10 +343,16 @@ class HFTensors:
         return list(self._files) if self._files else list(self._bins())
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._files[name].get_tensor(name) if self._files else self._bins()[name]
+        if not self._files:
+            return self._bins()[name]
+        with safe_open(self._files[name], framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name).clone()  # own memory, not the file mapping
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._files[name].get_slice(name).get_shape()) if self._files else tuple(self[name].shape)
+        if not self._files:
+            return tuple(self._bins()[name].shape)
+        with safe_open(self._files[name], framework="pt", device="cpu") as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
 
 def read_hf_config(path: str | Path) -> Any:
