@@ -26,6 +26,7 @@ Checkpoints (atomic save, verified resume, RNG and data position) are in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -144,7 +145,7 @@ def build_engine(
     """
     import deepspeed
 
-    model = construct_model(ds, make_model)
+    model = construct_model(ds, make_model, skip_init=init_from is not None)
     if init_from is not None:
         load_initial_weights(model, _as_source(init_from))
     wire_activation_checkpointing(model, cfg, ds)
@@ -158,16 +159,37 @@ def build_engine(
     return engine
 
 
-def construct_model(ds: dict[str, Any], make_model: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """`make_model()`, inside `deepspeed.zero.Init` when `ds` is ZeRO-3."""
+def construct_model(
+    ds: dict[str, Any], make_model: Callable[[], torch.nn.Module], skip_init: bool = False
+) -> torch.nn.Module:
+    """`make_model()`, inside `deepspeed.zero.Init` when `ds` is ZeRO-3.
+
+    skip_init: the weights are overwritten next (`load_initial_weights`), so the model's
+    init pass (`self.apply(_init_weights)`) is skipped; under ZeRO-3 it would gather every
+    module in turn, the embedding at full size, only to throw the values away.
+    """
     import deepspeed
 
+    skip = _skip_module_apply() if skip_init else contextlib.nullcontext()
     if zero_stage(ds) == 3:
         # No rank ever materialises the whole model: each parameter is partitioned
         # as soon as its module is constructed.
-        with deepspeed.zero.Init(config_dict_or_path=ds):
+        with deepspeed.zero.Init(config_dict_or_path=ds), skip:
             return make_model()
-    return make_model()
+    with skip:
+        return make_model()
+
+
+@contextlib.contextmanager
+def _skip_module_apply():
+    """`nn.Module.apply` does nothing inside (nested in zero.Init, it replaces DeepSpeed's
+    gathering `apply` and restores it on exit)."""
+    original = torch.nn.Module.apply
+    torch.nn.Module.apply = lambda self, fn: self
+    try:
+        yield
+    finally:
+        torch.nn.Module.apply = original
 
 
 def build_frozen_engine(
@@ -187,7 +209,7 @@ def build_frozen_engine(
     import deepspeed
 
     frozen = frozen_ds_config(ds, offload_param)
-    model = construct_model(frozen, make_model)
+    model = construct_model(frozen, make_model, skip_init=init_from is not None)
     if init_from is not None:
         load_initial_weights(model, _as_source(init_from))
     model.requires_grad_(False)

@@ -93,6 +93,9 @@ def main() -> None:
         out[f"{style}_frozen_optimizer"] = type(frozen.optimizer).__name__
         out[f"{style}_frozen_training"] = frozen.module.training
         del frozen
+        offloaded = build_frozen_engine(make, ds3, init_from=src, offload_param=True)
+        out[f"{style}_offload_diff"] = max_diff(offloaded, idx, want)
+        del offloaded
 
         ds0 = resolve_ds_config(str(REPO / "ds_configs" / "zero0.json"), cfg, world)
         plain = build_engine(cfg, ds0, make, init_from=src)

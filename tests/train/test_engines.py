@@ -5,7 +5,8 @@ does all of it; each test reads one part of what the ranks recorded:
 
     - ZeRO-3 and ZeRO-0 engines initialised from exported HF GPT-2 / Llama dirs give the
       transformers logits; under ZeRO-3 each rank holds half of the parameters
-    - frozen engines give the same logits, with no optimizer and no trainable parameter
+    - frozen engines (also with offload_param) give the same logits, with no optimizer and
+      no trainable parameter
     - a {"policy", "value"} checkpoint round trip restores both engines exactly, and an
       engine started from that run dir gives the saved engine's logits
     - rank 1 SIGKILLed inside the save of engine "value" leaves the previous checkpoint
@@ -100,6 +101,7 @@ def test_zero3_ranks_each_hold_half_the_parameters(ranks, style):
 def test_frozen_engine_gives_same_logits_without_optimizer_or_gradients(ranks, style):
     for r in ranks["rank"]:
         assert r[f"{style}_frozen_diff"] <= 1e-5
+        assert r[f"{style}_offload_diff"] <= 1e-5  # offload_param=True
         assert r[f"{style}_frozen_trainable"] == 0
         assert r[f"{style}_frozen_optimizer"] == "DeepSpeedZeRoOffload"  # parameter partitioning only, no state
         assert r[f"{style}_frozen_training"] is False
