@@ -29,6 +29,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _spin(stop) -> None:
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+@pytest.fixture
+def busy_cpu():
+    """Two processes spinning beside a test's launches: a loaded machine on purpose
+    (the rare exit-time aborts of issue "exit codes are exact" showed up under load)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(2)]
+    for p in procs:
+        p.start()
+    yield
+    stop.set()
+    for p in procs:
+        p.join(10)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None):
     """Run `zerollm ARGS` in a fresh interpreter; returns CompletedProcess (text)."""
     full_env = {**os.environ, **(env or {})}

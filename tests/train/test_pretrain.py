@@ -273,10 +273,10 @@ def test_resume_on_one_rank_from_a_two_rank_zero2_checkpoint(ref_run, fp32_runs,
         assert relclose(r["loss"], ref[r["step"]], 0.05), (r["step"], r["loss"], ref[r["step"]])
 
 
-def test_sigterm_checkpoints_at_an_agreed_step_and_exits_75(corpus, tmp_path):
+def test_sigterm_checkpoints_at_an_agreed_step_and_exits_75(corpus, tmp_path, busy_cpu):
     run_dir = tmp_path / "run"
     cfg = run_config(tmp_path / "run.yaml", corpus, run_dir, max_steps=500, save_interval=0, eval_interval=0)
-    proc = launch(cfg, "zero2.json", wait=False)
+    proc = launch(cfg, "zero2.json", wait=False, env={"PYTHONFAULTHANDLER": "1"})
     import psutil
 
     deadline = time.time() + 600
@@ -290,6 +290,7 @@ def test_sigterm_checkpoints_at_an_agreed_step_and_exits_75(corpus, tmp_path):
         p.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
+    assert "terminate called" not in out, out[-3000:]  # no rank aborted while exiting
     tag = (run_dir / "checkpoints" / "latest").read_text()
     manifest = json.loads((run_dir / "checkpoints" / tag / "complete.json").read_text())
     assert manifest["world_size"] == 2
@@ -297,11 +298,12 @@ def test_sigterm_checkpoints_at_an_agreed_step_and_exits_75(corpus, tmp_path):
     assert manifest["step"] < 500
 
 
-def test_too_many_nan_steps_stop_the_run_and_keep_the_good_checkpoint(corpus, tmp_path):
+def test_too_many_nan_steps_stop_the_run_and_keep_the_good_checkpoint(corpus, tmp_path, busy_cpu):
     run_dir = tmp_path / "run"
     cfg = run_config(tmp_path / "run.yaml", corpus, run_dir, max_bad_steps=3, eval_interval=0)
-    result = launch(cfg, "zero1.json", env={"ZEROLLM_NAN_STEPS": "3,4,5"})
+    result = launch(cfg, "zero1.json", env={"ZEROLLM_NAN_STEPS": "3,4,5", "PYTHONFAULTHANDLER": "1"})
     assert result.returncode == 3, result.stdout[-2000:]
+    assert "terminate called" not in result.stdout + result.stderr  # no rank aborted while exiting
     assert "3 consecutive steps with NaN/inf loss" in result.stdout + result.stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
 
