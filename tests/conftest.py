@@ -29,6 +29,45 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def tiny_run_config(
+    path: Path,
+    train_data: list[str],
+    run_dir: Path,
+    *,
+    valid: list[str] | None = None,
+    seq_len: int = 32,
+    cache_dir: Path | None = None,
+    model: dict | None = None,
+    **train,
+) -> Path:
+    """Write the tiny-preset run config every test suite starts from (fp32, no eval, a
+    metrics row per step, no TensorBoard); `train` overrides train.* keys. Returns `path`."""
+    import yaml
+
+    data = {"train": list(train_data), "seq_len": seq_len}
+    if valid:
+        data["valid"] = list(valid)
+    if cache_dir is not None:
+        data["cache_dir"] = str(cache_dir)
+    cfg = {
+        "model": {"preset": "tiny", **(model or {})},
+        "data": data,
+        "train": {
+            "micro_batch_size": 2,
+            "grad_accum_steps": 1,
+            "max_steps": 10,
+            "warmup_steps": 0,
+            "precision": "fp32",
+            "eval_interval": 0,
+            **train,
+        },  # fmt: skip
+        "logging": {"run_dir": str(run_dir), "log_interval": 1, "tensorboard": False},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def _spin(stop) -> None:
     while not stop.is_set():
         sum(i * i for i in range(10_000))

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from launch import jobctl
-from tests.conftest import REPO, need
+from tests.conftest import REPO, need, tiny_run_config
 
 HOSTS = ["127.0.0.1", "127.0.0.2"]
 
@@ -35,24 +34,8 @@ def make_dataset(prefix: Path) -> str:
 
 
 def make_config(tmp: Path, name: str, data: str, max_steps: int, save_interval: int, **train) -> Path:
-    cfg = {
-        "model": {"preset": "tiny"},
-        "data": {"train": [data], "seq_len": 32},
-        "train": {
-            "micro_batch_size": 2,
-            "grad_accum_steps": 1,
-            "max_steps": max_steps,
-            "warmup_steps": 0,
-            "precision": "fp32",
-            "save_interval": save_interval,
-            "eval_interval": 0,
-            **train,
-        },
-        "logging": {"run_dir": str(tmp / name), "log_interval": 1, "tensorboard": False},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_run_config(tmp / f"{name}.yaml", [data], tmp / name, max_steps=max_steps,
+                           save_interval=save_interval, **train)  # fmt: skip
 
 
 _warm = False

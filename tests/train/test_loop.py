@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_run_config
 from train.errors import EXIT_BAD_LOSS, EXIT_OK, EXIT_PREEMPTED
 
 SEQ = 16
@@ -53,27 +52,10 @@ def process_group():
 def make_cfg(tmp_path: Path, **train):
     from train.config import load_run_config
 
-    cfg = {
-        "model": {"preset": "tiny", "dropout": 0.0},
-        "data": {"seq_len": SEQ},
-        "train": {
-            "micro_batch_size": 2,
-            "grad_accum_steps": 2,
-            "max_steps": 6,
-            "warmup_steps": 0,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "precision": "fp32",
-            "eval_interval": 0,
-            "save_interval": 0,
-            "keep_last": 10,
-            **train,
-        },  # fmt: skip
-        "logging": {"run_dir": str(tmp_path / "run"), "log_interval": 1, "tensorboard": False},
-    }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    return load_run_config(tmp_path / "run.yaml")
+    train = {"grad_accum_steps": 2, "max_steps": 6, "lr": 3e-3, "min_lr": 3e-4, "save_interval": 0,
+             "keep_last": 10, **train}  # fmt: skip
+    path = tiny_run_config(tmp_path / "run.yaml", [], tmp_path / "run", seq_len=SEQ, model={"dropout": 0.0}, **train)
+    return load_run_config(path)
 
 
 class Stop:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -69,27 +69,12 @@ def corpus(tmp_path_factory) -> dict[str, str]:
 
 
 def run_config(path: Path, corpus: dict[str, str], run_dir: Path, **train) -> Path:
-    cfg = {
-        "model": {"preset": "tiny", "dropout": train.pop("dropout", 0.1)},
-        "data": {"train": [corpus["train"]], "valid": [corpus["valid"]], "seq_len": 64, "cache_dir": str(path.parent)},
-        "train": {
-            "micro_batch_size": 2,
-            "grad_accum_steps": 2,
-            "max_steps": 10,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "warmup_steps": 2,
-            "precision": "fp32",
-            "eval_interval": 5,
-            "eval_steps": 2,
-            "save_interval": 2,
-            "keep_last": 10,
-            **train,
-        },
-        "logging": {"run_dir": str(run_dir), "log_interval": 1, "tensorboard": False},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The tiny config these launches share: seq 64, dropout 0.1, eval every 5 steps."""
+    train = {"grad_accum_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 5,
+             "eval_steps": 2, "save_interval": 2, "keep_last": 10, **train}  # fmt: skip
+    model = {"dropout": train.pop("dropout", 0.1)}
+    return tiny_run_config(path, [corpus["train"]], run_dir, valid=[corpus["valid"]], seq_len=64,
+                           cache_dir=path.parent, model=model, **train)  # fmt: skip
 
 
 PORTS: list[int] = []  # master ports of the launches so far
@@ -219,6 +204,7 @@ def test_golden_losses_of_the_tiny_preset(ref_run):
     got = losses(ref_run)
     if os.environ.get("ZEROLLM_WRITE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps({str(k): v for k, v in sorted(got.items())}, indent=1) + "\n")
+        pytest.fail(f"wrote {GOLDEN} (ZEROLLM_WRITE_GOLDEN=1): a run that writes the golden file checks nothing")
     golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
     assert sorted(golden) == sorted(got)
     for step, value in golden.items():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import yaml
 
 from data_pipeline.indexed import IndexedDatasetWriter, write_meta
+from tests.conftest import tiny_run_config
 from train.config import load_run_config
 from train.errors import ZeroLLMError
 from train.pretrain import build_data, check_resume_compatible, model_shape
@@ -23,14 +23,8 @@ def prefix(tmp_path):
 
 
 def config(tmp_path, prefix, **model):
-    path = tmp_path / "run.yaml"
-    text = {
-        "model": {"preset": "tiny", **model},
-        "data": {"train": [prefix], "seq_len": 32, "cache_dir": str(tmp_path)},
-        "train": {"max_steps": 5, "warmup_steps": 1, "eval_interval": 0},
-        "logging": {"run_dir": str(tmp_path / "run")},
-    }
-    path.write_text(yaml.safe_dump(text))
+    path = tiny_run_config(tmp_path / "run.yaml", [prefix], tmp_path / "run", cache_dir=tmp_path, model=model,
+                           max_steps=5, warmup_steps=1)  # fmt: skip
     return load_run_config(path)
 
 
