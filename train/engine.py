@@ -18,7 +18,9 @@ A stage that starts from a model (SFT from a pretrain run, PPO's policy from an 
 Under ZeRO-3 no rank materialises the whole model: `zero.Init` partitions each module as it
 is built, then each rank copies only its slice of each parameter from the source (HF
 safetensors are read one tensor at a time); a ZeroLLM checkpoint is consolidated on rank 0
-and sent one parameter at a time.
+(the whole fp32 state dict, in that one process) and sent one parameter at a time. The
+model's random init is skipped when weights are loaded. Peak memory per rank: see
+benchmarks/bench_load.py.
 
 Checkpoints (atomic save, verified resume, RNG and data position) are in
 `train/checkpoint.py`.
