@@ -44,11 +44,9 @@ import torch
 from train.config import RunConfig, load_ds_config
 from train.errors import ZeroLLMError
 from train.model import ModelConfig
+from train.pg_timeout import ENV_PG_TIMEOUT, install_pg_timeouts
 
 log = logging.getLogger("zerollm")
-
-EXIT_PREEMPTED = 75  # graceful stop after SIGTERM / SIGUSR1: checkpoint saved, resume later
-EXIT_BAD_LOSS = 3  # too many consecutive NaN/inf losses
 
 
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
@@ -61,13 +59,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
-    timeout_s = float(timeout_s or os.environ.get("ZEROLLM_PG_TIMEOUT", 600))
-    try:
-        from launch.watchdog import install_pg_timeouts
-    except ImportError:  # the launch layer is optional for library use
-        install_pg_timeouts = None
-    if install_pg_timeouts is not None:
-        install_pg_timeouts(timeout_s)
+    timeout_s = float(timeout_s or os.environ.get(ENV_PG_TIMEOUT, 600))
+    install_pg_timeouts(timeout_s)
     if not dist.is_initialized():
         # Run without a launcher (python -m train.pretrain): a single local rank.
         single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
@@ -100,8 +93,12 @@ def _unlink_shm_buffer(rank: int, world: int) -> None:
         dist.barrier()
     try:
         os.unlink(path)
+        SHM_BUFFERS_REMOVED.append(path)
     except FileNotFoundError:  # no shared-memory all-reduce (ranks on several nodes)
         pass
+
+
+SHM_BUFFERS_REMOVED: list[str] = []  # the /dev/shm names this process removed (the rank log shows them)
 
 
 def resolve_ds_config(path: str, cfg: RunConfig, world_size: int) -> dict[str, Any]:

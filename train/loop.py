@@ -32,7 +32,7 @@ import torch
 
 from train.checkpoint import fault_point
 from train.config import RunConfig
-from train.engine import all_reduce_sum, set_lr
+from train.engine import SHM_BUFFERS_REMOVED, all_reduce_sum, set_lr
 from train.errors import EXIT_BAD_LOSS, EXIT_OK, EXIT_PREEMPTED
 from train.schedule import lr_at
 
@@ -190,7 +190,7 @@ class RankLog:
         # Under ZeRO-3 each parameter keeps only its partition (ds_tensor) on this rank.
         resident = sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        self.write({"resident_params": resident, "total_params": total})
+        self.write({"resident_params": resident, "total_params": total, "shm_removed": SHM_BUFFERS_REMOVED})
 
     def write(self, row: dict[str, Any]) -> None:
         if self.file is not None:

@@ -29,11 +29,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of `values` where `mask` is true (mask broadcast to values' shape)."""
-    return (values * mask.to(values.dtype)).sum()
-
-
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is true; 0 when nothing is selected (not NaN)."""
     mask = mask.to(values.dtype).expand_as(values)

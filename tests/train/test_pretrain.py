@@ -180,6 +180,10 @@ def test_nan_loss_step_is_skipped_and_counted(bf16_runs):
 def test_runs_leave_no_shared_memory_buffers_behind(bf16_runs):
     """DeepSpeed's CPU all-reduce creates ~69 MB per rank in /dev/shm; we remove the names."""
     assert PORTS
+    for run_dir in bf16_runs.values():  # each rank of each run did create and remove its buffer
+        for rank in (0, 1):
+            first = json.loads((run_dir / "ranks" / f"rank{rank}.jsonl").read_text().splitlines()[0])
+            assert len(first["shm_removed"]) == 1 and first["shm_removed"][0].endswith(f"_{rank}"), first
     buffers = Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")
     left = [p.name for p in buffers if int(p.name.split("_")[-2]) in PORTS]
     assert not left, left
