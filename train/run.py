@@ -91,11 +91,12 @@ class Run:
     stop: GracefulStop
 
 
-def start(args: argparse.Namespace) -> Run:
-    """Config (with --set), stop signals, process groups, logging, the DeepSpeed config."""
+def start(args: argparse.Namespace, sections: dict[str, type] | None = None) -> Run:
+    """Config (with --set; `sections`: the stage's own, e.g. {"sft": SFTConfig}), stop
+    signals, process groups, logging, the DeepSpeed config."""
     from train.engine import init_distributed, resolve_ds_config
 
-    cfg = load_run_config(args.config, parse_overrides(args.set))
+    cfg = load_run_config(args.config, parse_overrides(args.set), sections)
     stop = GracefulStop()
     rank, world = init_distributed()
     setup_logging(rank)
@@ -110,14 +111,15 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build(r: Run, make_model: Callable[[], Any]):
-    """The training engine: identical initial weights on every rank, then per-rank RNG streams."""
+def build(r: Run, make_model: Callable[[], Any], init_from=None):
+    """The training engine: identical initial weights on every rank (or those of
+    `init_from`, see `train.engine.open_initial_weights`), then per-rank RNG streams."""
     import torch
 
     from train.engine import build_engine
 
     torch.manual_seed(r.cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(r.cfg, r.ds, make_model)
+    engine = build_engine(r.cfg, r.ds, make_model, init_from=init_from)
     seed_rank(r.cfg.train.seed, r.rank)  # then per-rank streams (dropout)
     return engine
 
