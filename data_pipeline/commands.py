@@ -6,13 +6,17 @@
         --valid-fraction 0.02          # -> D/stdlib_train.{bin,idx}, D/stdlib_valid.{bin,idx}
     zerollm merge-datasets OUT PREFIX [PREFIX ...]
 
-Only argparse is imported here; each handler imports what it runs (keeps --help fast).
+Only the standard library and train.errors are imported here; each handler imports the
+stage module it runs (keeps --help fast).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
+
+from train.errors import ZeroLLMError
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,6 @@ def _input_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_shard(s: str) -> tuple[int, int]:
-    from train.errors import ZeroLLMError
-
     try:
         i, n = (int(x) for x in s.split("/"))
     except ValueError:
@@ -104,8 +106,7 @@ def _parse_shard(s: str) -> tuple[int, int]:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:
-    import time
-
+    # stage modules stay local: tokenizers/numpy behind them, kept out of zerollm --help
     from data_pipeline.tokenizer import train_tokenizer
     from data_pipeline.training_corpus import training_texts
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -275,8 +276,6 @@ def merge_datasets(prefixes: list[str], out_prefix: str) -> dict:
     `.meta.json` files (when present) must name the same tokenizer, and the merged meta
     sums their counts.
     """
-    import shutil
-
     if not prefixes:
         raise ZeroLLMError("merge-datasets: no input prefixes given.")
     parts = [MMapIndexedDataset(p) for p in prefixes]

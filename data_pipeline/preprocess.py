@@ -24,15 +24,21 @@ with a bounded number of chunks in flight. Memory is O(workers x chunk).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing as mp
 import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline import sources  # the module: a patched sources.parse_chunk reaches the workers
+from data_pipeline.tokenizer import Encoder, pick_encoder, token_dtype_for, tokenizer_hash
 from train.errors import ZeroLLMError
 
 log = logging.getLogger(__name__)
@@ -56,9 +62,8 @@ def _token_content(t) -> str | None:
 
 def tokenizer_info(path: str | Path) -> TokenizerInfo:
     """What preprocessing needs of a HF tokenizer dir (eos id, vocab size, hash); errors name the file."""
+    # kept local: tokenizers is heavy; numpy and tqdm are not needed at this module's top
     from tokenizers import Tokenizer
-
-    from data_pipeline.tokenizer import tokenizer_hash
 
     p = Path(path)
     tj = p / "tokenizer.json"
@@ -106,8 +111,6 @@ def _init_worker(tok_dir: str, dtype: str, eos_id: int, opts: dict) -> None:
 
 
 def _encoder(name: str):
-    from data_pipeline.tokenizer import Encoder
-
     if name not in _W["encoders"]:
         _W["encoders"][name] = Encoder(name, _W["tok_dir"])
     return _W["encoders"][name]
@@ -115,8 +118,6 @@ def _encoder(name: str):
 
 def _pick(sample: list[str], mode: str):
     """Worker: which encoder to use (run in a worker so the parent never starts threads)."""
-    from data_pipeline.tokenizer import pick_encoder
-
     return pick_encoder(_W["tok_dir"], sample, mode)
 
 
@@ -150,9 +151,7 @@ def _valid_mask(docs: list[str], fraction: float):
 
 def _encode_chunk(chunk, enc_name: str):
     """Worker: parse + encode one chunk -> ((tokens, sizes) per split, counts, n_bytes)."""
-    from data_pipeline.sources import parse_chunk
-
-    docs, counts = parse_chunk(chunk, _W["text_key"], _W["skip_bad"])
+    docs, counts = sources.parse_chunk(chunk, _W["text_key"], _W["skip_bad"])
     try:
         ids, lengths = _encoder(enc_name).encode_flat(docs)
     except Exception:  # noqa: BLE001 - a fast library failing on odd text: the reference encodes it
@@ -214,19 +213,17 @@ def preprocess(
     progress: bool = True,
 ) -> PreprocessResult:
     """Tokenize `inputs` into Megatron .bin/.idx (+ meta.json); see the module docstring."""
-    from data_pipeline.indexed import IndexedDatasetWriter, write_meta
-    from data_pipeline.sources import expand_inputs, iter_chunks, parse_chunk
-    from data_pipeline.tokenizer import token_dtype_for
+    from data_pipeline.indexed import IndexedDatasetWriter, write_meta  # imports numpy
 
     t0 = time.perf_counter()
     if not 0.0 <= valid_fraction < 1.0:
         raise ZeroLLMError(f"--valid-fraction {valid_fraction}: must be in [0, 1).")
-    files = expand_inputs(inputs)
+    files = sources.expand_inputs(inputs)
     info = tokenizer_info(tokenizer_dir)
     dtype = token_dtype_for(info.vocab_size)
-    chunks = iter_chunks(files, txt_split, text_key, shard)
+    chunks = sources.iter_chunks(files, txt_split, text_key, shard)
     first = next(chunks, None)
-    sample = _probe_sample(parse_chunk(first, text_key, True)[0] if first is not None else [])
+    sample = _probe_sample(sources.parse_chunk(first, text_key, True)[0] if first is not None else [])
     prefixes = output_prefixes(out_prefix, valid_fraction, shard)
     total_in = sum(os.path.getsize(f) for f in files) if shard[1] == 1 else None
     opts = {"text_key": text_key, "skip_bad": skip_bad, "valid_fraction": valid_fraction}
@@ -347,9 +344,6 @@ class _Pool:
             self.ex = None
 
     def _submit(self, fn, *args):
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         if self.ex is None:
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             self.ex = ProcessPoolExecutor(self.workers, ctx, _init_worker, self.initargs)
@@ -359,8 +353,6 @@ class _Pool:
 
     @staticmethod
     def _result(future, what: str):
-        from concurrent.futures.process import BrokenProcessPool
-
         try:
             return future.result()
         except BrokenProcessPool as e:
@@ -373,8 +365,6 @@ class _Pool:
         return fn(*args) if self.workers == 1 else self._result(self._submit(fn, *args), "encoder check")
 
     def imap(self, fn, first, rest, *args):
-        import itertools
-
         if first is None:
             return
         stream = itertools.chain([first], rest)

@@ -203,7 +203,7 @@ def iter_chunks(
 
 
 def _parquet_chunks(path: str, text_key: str) -> Iterator[Chunk]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: only .parquet inputs need pyarrow
 
     try:
         pf = pq.ParquetFile(path)

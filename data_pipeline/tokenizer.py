@@ -22,6 +22,7 @@ of `tokenizers` on a probe text and a sample of the corpus; else `tokenizers` ru
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -56,6 +57,7 @@ def train_tokenizer(
     length: int | None = None,
 ) -> Path:
     """Train a byte-level BPE on `texts` and save it as a Hugging Face tokenizer dir."""
+    # heavy: tokenizers/transformers/tiktoken/fastokens, kept local (numpy too: not needed at the top)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -261,8 +263,6 @@ class Encoder:
             raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
 
     def encode_flat(self, texts: list[str]):
-        import itertools
-
         import numpy as np
 
         if self.name == "fastokens":

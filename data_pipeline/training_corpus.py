@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from data_pipeline.sources import expand_inputs, iter_documents
 from train.errors import ZeroLLMError
 
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -20,8 +22,6 @@ _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 
 def stdlib_sources() -> list[Path]:
     """The stdlib's .py files, test dirs and site-packages excluded, in a fixed order."""
-    import sysconfig
-
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -70,8 +70,6 @@ def training_texts(
     with probability max_mb / corpus size). `hf:NAME[:SPLIT]` streams a Hugging Face
     dataset (needs a network), shuffled with `seed` when `max_mb` is set.
     """
-    from data_pipeline.sources import expand_inputs, iter_documents
-
     count = {"bytes": 0}
     hf = [s for s in inputs if s.startswith("hf:")]
     local = [s for s in inputs if not s.startswith("hf:")]
@@ -100,7 +98,7 @@ def training_texts(
 
 
 def _hf_texts(spec: str, text_key: str, seed: int | None) -> Iterator[str]:
-    import datasets
+    import datasets  # heavy, and only for hf: inputs
 
     name, _, split = spec.partition(":")
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from launch.launcher import STAGES, import_stage
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -22,12 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
+    # heavy: train.config imports torch (via train.model), kept out of zerollm --help
     from train.config import load_ds_config, load_run_config, parse_overrides
 
     stage = None
     if args.stage:
-        from launch.launcher import STAGES, import_stage
-
         stage = import_stage(STAGES.get(args.stage, args.stage), args.stage)
     sections = getattr(stage, "CONFIG_SECTIONS", None)
     cfg = load_run_config(args.config, parse_overrides(args.set), extra_sections=sections)

@@ -33,16 +33,26 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
+import importlib.util
+import logging
 import os
+import random
 import re
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
 import types
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from launch import hostfile as hf
+from launch.env import EnvError, escape, forwarded, parse_env_args, read_user_env_file, write_env_file
+from train.errors import ZeroLLMError
 
 STAGES = {"pretrain": "train.pretrain", "sft": "train.sft", "reward": "train.reward", "ppo": "train.ppo",
           "dpo": "train.dpo"}  # fmt: skip
@@ -99,8 +109,7 @@ class Plan:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    import logging
-
+    # kept local: launch.supervisor pulls in ctypes/threading/datetime (~20 ms on zerollm --help)
     from launch.supervisor import Supervisor, bind_heartbeat
 
     log = logging.getLogger("zerollm.launch")
@@ -133,8 +142,6 @@ def run_launch(args: argparse.Namespace) -> int:
     shown = "shown here too" if args.verbose else "--verbose shows it here"
     print(f"zerollm launch: DeepSpeed's and torch's own output: {output} ({shown})", flush=True)
     if plan.multi_node:
-        from launch.env import write_env_file
-
         write_env_file(env_file, env)
     sup = Supervisor(
         cmd, run_env, job_id, nodes=list(plan.active), remote=plan.multi_node and args.launcher == "pdsh",
@@ -156,8 +163,6 @@ def _quiet_deepspeed_here() -> None:
     """This process's own DeepSpeed chatter (accelerator detection while counting devices)
     stays off the terminal like the job's. A filter, not a level: DeepSpeed sets its
     logger's level when it is first imported."""
-    import logging
-
     ds = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _ErrorsOnly) for f in ds.filters):
         ds.addFilter(_ErrorsOnly())
@@ -168,10 +173,8 @@ def _quiet_deepspeed_here() -> None:
 
 def preflight(args: argparse.Namespace) -> Plan:
     """Every check that can fail before a rank starts; returns what the launch needs."""
-    from launch import hostfile as hf
-    from launch.env import EnvError, forwarded, parse_env_args, read_user_env_file
+    # heavy: train.config imports torch (via train.model), kept out of zerollm --help
     from train.config import load_ds_config, load_run_config, parse_overrides
-    from train.errors import ZeroLLMError
 
     module = args.module or STAGES.get(args.stage)
     if module is None:
@@ -208,15 +211,11 @@ def preflight(args: argparse.Namespace) -> Plan:
             env.update(read_user_env_file(user_file))
     env.update(parse_env_args(args.env, environ))
     if multi_node and args.launcher == "pdsh":
-        from launch.env import escape
-
         for name, value in env.items():
             escape(value, name)  # raises EnvError if it cannot travel
         if not _SAFE.match(os.getcwd()):
             raise EnvError(f"the deepspeed launcher runs `cd {os.getcwd()}` unquoted on each node; use a plainer path")
         if args.launcher == "pdsh":
-            import shutil
-
             if not shutil.which("pdsh"):
                 raise ZeroLLMError("--launcher pdsh: pdsh is not installed on this node (apt-get install pdsh)")
     return Plan(module, world_size, active, path, master_addr, master_port, Path(cfg.logging.run_dir),
@@ -225,11 +224,6 @@ def preflight(args: argparse.Namespace) -> Plan:
 
 def import_stage(module: str, stage: str = "") -> types.ModuleType:
     """Import a stage module (stages import only light modules at the top)."""
-    import importlib
-    import importlib.util
-
-    from train.errors import ZeroLLMError
-
     name = stage or module
     try:
         found = importlib.util.find_spec(module)
@@ -261,8 +255,6 @@ def _free_port(addr: str) -> int:
 
     Taken from 29500-32767, below Linux's ephemeral range (32768+), so an outgoing
     connection cannot grab it between this check and the rendezvous."""
-    import random
-
     candidates = random.sample(range(29500, 32768), 50)
     for port in candidates:
         try:
@@ -335,10 +327,6 @@ def _pdsh_quote(arg: str) -> str:
 
 
 def _slurm_hosts(args: argparse.Namespace) -> OrderedDict[str, int]:
-    import subprocess
-
-    from train.errors import ZeroLLMError
-
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist or "SLURM_JOB_ID" not in os.environ:
         raise ZeroLLMError("--launcher slurm runs inside a Slurm allocation (sbatch launch/slurm/pretrain.sbatch)")
@@ -353,9 +341,6 @@ def _slurm_hosts(args: argparse.Namespace) -> OrderedDict[str, int]:
 
 def _run_slurm(args: argparse.Namespace, plan: Plan, job_id: str) -> int:
     """One srun task per node, each `python -m launch.node` -> `deepspeed --no_ssh`."""
-    import logging
-
-    from launch import hostfile as hf
     from launch.supervisor import Supervisor
 
     job, restart = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")

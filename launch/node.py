@@ -17,10 +17,10 @@ import os
 import sys
 import uuid
 
+from launch.supervisor import Supervisor, bind_heartbeat
+
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.supervisor import Supervisor, bind_heartbeat
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m launch.node")
     p.add_argument("--heartbeat_timeout", type=float, default=60.0)

@@ -64,6 +64,7 @@ def install_pg_timeouts(seconds: float | None = None) -> timedelta | None:
         seconds = float(raw)
     if seconds <= 0:
         raise ValueError(f"{ENV_PG_TIMEOUT} must be a positive number of seconds, got {seconds}")
+    # heavy: torch, kept out of module level (only the standard library there; see the docstring)
     import torch.distributed.constants as dist_constants
     import torch.distributed.distributed_c10d as c10d
 

@@ -37,7 +37,10 @@ stages that start from another run's weights).
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
+import io
 import json
 import logging
 import os
@@ -50,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from train.errors import ZeroLLMError
 
@@ -64,6 +68,7 @@ MANIFEST = "complete.json"
 
 def allowed_globals() -> list[Any]:
     """The only non-tensor classes a ZeroLLM/DeepSpeed checkpoint may contain."""
+    # heavy: deepspeed, kept local so importing this module does not load it
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -107,8 +112,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import ast
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
     random.setstate(ast.literal_eval(state["python"]))
@@ -170,8 +173,6 @@ class Checkpointer:
         Named engines go to `<tag>/<name>/` under one manifest, one `latest`, one RNG file
         per rank; the checkpoint counts only when every engine's files are verified.
         """
-        import torch.distributed as dist
-
         tag = f"step{step:08d}"
         tmp = self.dir / f".tmp-{tag}"
         if self.rank == 0:
@@ -381,8 +382,6 @@ def consolidated_state_dict(folder: Path, engine: str | None = None) -> dict[str
 
 
 def _torch_bytes(obj: Any) -> bytes:
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -394,8 +393,6 @@ def _torch_bytes(obj: Any) -> bytes:
 def convert_to_universal(run_dir: str | Path, tag: str | None = None) -> Path:
     """DeepSpeed's universal checkpoint of `tag` (default: the resume point), so a run
     can continue on a different number of ranks or ZeRO stage."""
-    import argparse
-
     from deepspeed.checkpoint import ds_to_universal
 
     ckpt = Checkpointer(run_dir, rank=0, world_size=1)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+from pathlib import Path
+
+from train.errors import ZeroLLMError
 
 log = logging.getLogger("zerollm")
 
@@ -38,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_universal(args: argparse.Namespace) -> int:
+    # heavy: train.checkpoint/config/model/hf_export import torch, kept out of zerollm --help
     from train.checkpoint import convert_to_universal
 
     out = convert_to_universal(args.run_dir, args.tag)
@@ -50,11 +55,8 @@ def load_checkpoint_model(run_dir: str, tag: str | None = None, engine: str | No
 
     `engine` names one engine of a checkpoint that holds several (policy, value, ...).
     """
-    from pathlib import Path
-
     from train.checkpoint import checkpoint_folder, consolidated_state_dict
     from train.config import load_run_config
-    from train.errors import ZeroLLMError
     from train.model import CustomLanguageModel
 
     cfg = load_run_config(Path(run_dir) / "config.yaml")
@@ -70,9 +72,6 @@ def load_checkpoint_model(run_dir: str, tag: str | None = None, engine: str | No
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import shutil
-    from pathlib import Path
-
     from train.hf_export import export_hf
 
     model, cfg = load_checkpoint_model(args.run_dir, args.tag)

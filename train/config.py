@@ -34,7 +34,9 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib
 import json
+import logging
 import re
 import types
 import typing
@@ -487,6 +489,7 @@ def _keys_read(reader: Any, section: str | None = None) -> set[str]:
 
 def _model_keys(model: Any) -> dict[str, Any]:
     """Accepted key -> nested pydantic model (or None), from a model's fields and aliases."""
+    # kept local: pydantic comes with deepspeed, which is imported only in _ds_keys
     from pydantic import BaseModel
 
     out = {}
@@ -512,8 +515,6 @@ class _DSKeys:
 @functools.lru_cache(maxsize=1)
 def _ds_keys() -> _DSKeys:
     """The key sets DeepSpeed itself reads (deepspeed is imported here, not at the top)."""
-    import importlib
-    import logging
 
     def load(spec: str) -> Any:
         module, _, name = spec.partition(":")

@@ -53,6 +53,7 @@ def hf_style(cfg: ModelConfig) -> str:
 
 def hf_config(cfg: ModelConfig, **token_ids: Any):
     """The transformers config of the same architecture (GPT2Config or LlamaConfig)."""
+    # heavy: transformers, kept local (only export and its checks need it)
     from transformers import GPT2Config, LlamaConfig
 
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)

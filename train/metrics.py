@@ -36,6 +36,7 @@ class Metrics:
         self.file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:
+                # kept local: tensorboard/matplotlib are heavy and optional here; tqdm only for the bar
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
