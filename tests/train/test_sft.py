@@ -1,0 +1,189 @@
+"""Supervised fine-tuning (train/chat_data.py, train/sft.py).
+
+the unmasked tokens decode to exactly the assistant turns + end of turn (ChatML, and a
+    template whose joined text tokenizes differently from its turns)
+pad == eos is refused; bad rows are counted by reason; a file with no usable row stops
+over-long samples keep the response (turns dropped, prompt trimmed, response cut), counted
+packed loss == unpacked loss on the same conversations
+the stage at world size 1: micro 1 x accum 4 == micro 4 x accum 1; SFT lowers held-out loss
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.chat_data import (
+    Report,
+    build_samples,
+    check_chat_tokenizer,
+    collate,
+    encode_turns,
+    fit_turns,
+    load_records,
+    pack,
+)
+from train.errors import ZeroLLMError
+from train.losses import IGNORE_INDEX
+
+LETTERS = "abcdefgh"
+
+
+def reverse_pair(rng: random.Random) -> dict[str, str]:
+    letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 4))]
+    return {"prompt": "reverse: " + " ".join(letters), "response": " ".join(reversed(letters))}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    """A 400-token ChatML byte-level BPE trained on a few KB of text (the project's own trainer)."""
+    from data_pipeline.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    words = "reverse the order of these letters please and answer with a short reply hello world".split()
+    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    texts += [reverse_pair(rng)["prompt"] for _ in range(200)]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), 400)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from train.chat_data import load_chat_tokenizer
+
+    return load_chat_tokenizer(tok_dir)
+
+
+def unmasked_text(tok, turns) -> str:
+    return tok.decode([i for t in turns for i, m in zip(t.ids, t.mask) if m])
+
+
+DIALOGUE = [
+    {"role": "system", "content": "be short"},
+    {"role": "user", "content": "reverse: a b c"},
+    {"role": "assistant", "content": "c b a"},
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "world"},
+]
+
+
+def test_chatml_mask_is_exactly_the_assistant_turns_and_end_of_turn(tok):
+    turns = encode_turns(tok, DIALOGUE)
+    assert unmasked_text(tok, turns) == "c b a<|im_end|>world<|im_end|>"
+    ids = [i for t in turns for i in t.ids]
+    assert tok.decode(ids) == tok.apply_chat_template(DIALOGUE, tokenize=False)
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert turns[2].ids[: len(header)] == header and not any(turns[2].mask[: len(header)])
+
+
+def test_mask_stays_exact_where_joined_text_tokenizes_differently(tok_dir):
+    """No separator between turns: "reverse" + "the order" joins to "reversethe order", which
+    BPE tokenizes across the boundary; turn-by-turn ids differ from the joined text's, and
+    the mask still picks exactly the assistant text + eos."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(tok_dir))
+    t.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    msgs = [{"role": "user", "content": "rev"}, {"role": "assistant", "content": "erse the order"}]
+    turns = encode_turns(t, msgs)
+    ours = [i for x in turns for i in x.ids]
+    joined = t(t.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert joined != ours  # the joined text merges "rev" + "erse" into other tokens
+    assert t.decode(ours) == t.decode(joined) == "reverse the order<|endoftext|>"
+    assert unmasked_text(t, turns) == "erse the order<|endoftext|>"
+
+
+def test_pad_equal_to_eos_is_refused(tok_dir):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(tok_dir))
+    t.pad_token = t.eos_token
+    with pytest.raises(ZeroLLMError, match="pad token must exist and differ from eos"):
+        check_chat_tokenizer(t, "tok")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+BAD_ROWS = [
+    {"text": "no field"},
+    {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    {"prompt": "p", "response": "  "},
+    {"messages": [{"role": "user", "content": "only a question"}]},
+]
+
+
+def test_bad_rows_are_counted_by_reason_across_formats(tmp_path):
+    import datasets
+
+    good = [reverse_pair(random.Random(i)) for i in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", good + BAD_ROWS)
+    convs, report = load_records(path)
+    assert len(convs) == 3 and report.rows == 7
+    assert dict(report.bad) == {"missing field": 1, "unknown role": 1, "empty response": 1, "no assistant turn": 1}
+    msgs = [{"messages": [{"role": "user", "content": g["prompt"]}, {"role": "assistant", "content": g["response"]}]}
+            for g in good]  # fmt: skip
+    datasets.Dataset.from_list(msgs).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(msgs).save_to_disk(str(tmp_path / "hf"))
+    for src in (tmp_path / "d.parquet", tmp_path / "hf"):
+        assert load_records(src)[0] == load_records(path)[0]
+
+
+def test_a_file_with_no_usable_row_stops_naming_it(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", BAD_ROWS)
+    with pytest.raises(ZeroLLMError, match=r"bad\.jsonl: no usable SFT row \(4 rows"):
+        load_records(path)
+
+
+def test_over_long_samples_keep_the_response_and_are_counted(tok):
+    long_user = {"role": "user", "content": "hello world " * 20}
+    msgs = [DIALOGUE[0], long_user, {"role": "assistant", "content": "old"}, *DIALOGUE[1:3]]
+    turns = encode_turns(tok, msgs)
+    keep = [turns[0], *turns[3:]]  # system + last prompt turn + response
+    report = Report("x")
+    s = fit_turns(turns, sum(len(t.ids) for t in keep), report.over_long)
+    assert tok.decode(s.ids) == tok.apply_chat_template([DIALOGUE[0], *DIALOGUE[1:3]], tokenize=False)
+    assert dict(report.over_long) == {"turns_dropped": 1}
+    s = fit_turns(turns, len(turns[-1].ids) + 3, report.over_long)  # 3 prompt tokens left
+    assert s.ids[3:] == turns[-1].ids and report.over_long["prompt_trimmed"] == 1
+    s = fit_turns(turns, 5, report.over_long)
+    assert s.ids == turns[-1].ids[:5] and report.over_long["response_truncated"] == 1
+
+
+def tiny_model(vocab: int, seed: int = 0):
+    from train.model import CustomLanguageModel, from_name
+
+    torch.manual_seed(seed)
+    return CustomLanguageModel(from_name("tiny", vocab_size=vocab, dropout=0.0)).float().eval()
+
+
+def summed_loss(model, batch) -> torch.Tensor:
+    from train.losses import lm_loss
+
+    logits, _ = model(batch["x"], doc_ids=batch["doc_ids"])
+    return lm_loss(logits, batch["y"])[0]
+
+
+def test_packed_loss_equals_unpacked_loss(tok):
+    rng = random.Random(3)
+    convs = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]
+             for p in (reverse_pair(rng) for _ in range(6))] + [DIALOGUE]  # fmt: skip
+    samples = build_samples(convs, tok, 64, Report("x"))
+    rows = pack(samples, 64)
+    assert len(rows) < len(samples) and max(len(r) for r in rows) > 1
+    model = tiny_model(len(tok))
+    with torch.no_grad():
+        packed = collate(rows, tok.pad_token_id, 64)
+        assert packed["doc_ids"] is not None
+        unpacked = collate([[s] for s in samples], tok.pad_token_id)
+        assert int((packed["y"] != IGNORE_INDEX).sum()) == int((unpacked["y"] != IGNORE_INDEX).sum())
+        a, b = summed_loss(model, packed), summed_loss(model, unpacked)
+    assert abs(float(a) - float(b)) < 1e-5 * max(1.0, float(b)), (float(a), float(b))
