@@ -21,8 +21,8 @@ Environment (set by `zerollm launch`, forwarded to every node):
 Engine use (idempotent; `launch.rank` already did both when the launcher started it):
     launch.watchdog.install_pg_timeouts()   # before deepspeed.init_distributed(...)
     launch.watchdog.start_heartbeat()
-Only the standard library is imported at module level; torch only inside
-`install_pg_timeouts`.
+Only the standard library is imported at module level (and train/'s two standard-library
+modules errors.py and pg_timeout.py); torch only inside `install_pg_timeouts`.
 """
 
 from __future__ import annotations
@@ -34,49 +34,20 @@ import signal
 import socket
 import threading
 import time
-from datetime import timedelta
+
+# Both are standard-library-only modules of train/: the exit codes and the timeout patch
+# live there (the engine uses them without importing launch/); re-exported for the launcher.
+from train.errors import EXIT_PREEMPTED as EXIT_PREEMPTED
+from train.pg_timeout import ENV_PG_TIMEOUT as ENV_PG_TIMEOUT
+from train.pg_timeout import install_pg_timeouts as install_pg_timeouts
 
 HEARTBEAT_INTERVAL = 2.0  # seconds, unless ZEROLLM_HEARTBEAT_INTERVAL says otherwise
-EXIT_PREEMPTED = 75  # the engine saved a checkpoint after SIGTERM/SIGUSR1 and stopped
 ENV_JOB = "ZEROLLM_JOB_ID"
 ENV_HEARTBEAT = "ZEROLLM_HEARTBEAT"
 ENV_INTERVAL = "ZEROLLM_HEARTBEAT_INTERVAL"
-ENV_PG_TIMEOUT = "ZEROLLM_PG_TIMEOUT"
 
 _beat_lock = threading.Lock()
 _beat_thread: threading.Thread | None = None
-_pg_timeout: timedelta | None = None
-
-
-def install_pg_timeouts(seconds: float | None = None) -> timedelta | None:
-    """Make every torch.distributed process group default to `seconds` (or $ZEROLLM_PG_TIMEOUT).
-
-    Patches torch's default-timeout lookup, which `init_process_group` and `new_group`
-    consult when they get no explicit timeout. Returns the timeout, or None when neither
-    the argument nor the variable is set (nothing is changed then). Pass the returned
-    value to `deepspeed.init_distributed(timeout=...)` as well.
-    """
-    global _pg_timeout
-    if seconds is None:
-        raw = os.environ.get(ENV_PG_TIMEOUT, "").strip()
-        if not raw:
-            return _pg_timeout
-        seconds = float(raw)
-    if seconds <= 0:
-        raise ValueError(f"{ENV_PG_TIMEOUT} must be a positive number of seconds, got {seconds}")
-    # heavy: torch, kept out of module level (only the standard library there; see the docstring)
-    import torch.distributed.constants as dist_constants
-    import torch.distributed.distributed_c10d as c10d
-
-    timeout = timedelta(seconds=seconds)
-    c10d._get_default_timeout = lambda backend: timeout  # used when timeout=None
-    c10d.default_pg_timeout = timeout
-    dist_constants.default_pg_timeout = timeout
-    if hasattr(dist_constants, "default_pg_nccl_timeout"):
-        dist_constants.default_pg_nccl_timeout = timeout
-        c10d.default_pg_nccl_timeout = timeout
-    _pg_timeout = timeout
-    return timeout
 
 
 def identity() -> dict:
