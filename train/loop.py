@@ -148,6 +148,7 @@ def step_row(engine, stage: Stage, cfg: RunConfig, state, lr, total_loss, global
     peak = cfg.logging.peak_flops
     norm = engine.get_global_grad_norm()
     return {
+        "stage": stage.name,
         "loss": total_loss / max(global_units, 1.0),
         "lr": lr,
         "grad_norm": None if norm is None else float(norm),
