@@ -28,7 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.gpt_dataset import build_dataset, parse_blend
+from data_pipeline.indexed import dataset_vocab_size
 from data_pipeline.sampler import DistributedSampler
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from train import run
 from train.config import RunConfig, check_token_data
 from train.engine import all_reduce_sum, zero_stage
@@ -56,16 +59,11 @@ class Data:
 
 def build_data(cfg: RunConfig, world_size: int) -> Data:
     """Training/validation datasets for this run, checked against the model before training."""
-    from data_pipeline.gpt_dataset import build_dataset, parse_blend
-    from data_pipeline.indexed import dataset_vocab_size
-
     d, t, m = cfg.data, cfg.train, cfg.model
     if not d.train:
         raise ZeroLLMError(f"{cfg.path}: data.train: no training data given")
     tok_hash = ""
     if d.tokenizer:
-        from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-
         tok = load_tokenizer(d.tokenizer)
         if len(tok) > m.vocab_size:
             raise ZeroLLMError(

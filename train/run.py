@@ -22,18 +22,31 @@ interpreter shutdown, where a still-joinable std::thread aborted about 1 exit in
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import random
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from train import loop as shared_loop
+from train.checkpoint import Checkpointer
 from train.config import RunConfig, load_run_config, parse_overrides
+from train.engine import build_engine, init_distributed, resolve_ds_config
 from train.errors import EXIT_BAD_INPUT, ZeroLLMError
+from train.metrics import Metrics
 
 log = logging.getLogger("zerollm")
 
@@ -94,8 +107,6 @@ class Run:
 def start(args: argparse.Namespace, sections: dict[str, type] | None = None) -> Run:
     """Config (with --set; `sections`: the stage's own, e.g. {"sft": SFTConfig}), stop
     signals, process groups, logging, the DeepSpeed config."""
-    from train.engine import init_distributed, resolve_ds_config
-
     cfg = load_run_config(args.config, parse_overrides(args.set), sections)
     stop = GracefulStop()
     rank, world = init_distributed()
@@ -114,10 +125,6 @@ def setup_logging(rank: int) -> None:
 def build(r: Run, make_model: Callable[[], Any], init_from=None):
     """The training engine: identical initial weights on every rank (or those of
     `init_from`, see `train.engine.open_initial_weights`), then per-rank RNG streams."""
-    import torch
-
-    from train.engine import build_engine
-
     torch.manual_seed(r.cfg.train.seed)  # identical initial weights on every rank
     engine = build_engine(r.cfg, r.ds, make_model, init_from=init_from)
     seed_rank(r.cfg.train.seed, r.rank)  # then per-rank streams (dropout)
@@ -125,11 +132,6 @@ def build(r: Run, make_model: Callable[[], Any], init_from=None):
 
 
 def seed_rank(seed: int, rank: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     torch.manual_seed(seed + 1000 * (rank + 1))
     np.random.seed(seed + 1000 * (rank + 1))
     random.seed(seed + 1000 * (rank + 1))
@@ -142,8 +144,6 @@ def resume(r: Run, engine, state: dict[str, Any], check: Callable[[dict[str, Any
     shape, tokenizer) with one line. Returns (checkpointer, state, resumed) where
     `resumed` is {"ckpt_load_s", "resumed_from"} or None for a fresh start.
     """
-    from train.checkpoint import Checkpointer
-
     ckpt = Checkpointer(r.cfg.logging.run_dir, r.rank, r.world, r.cfg.train.keep_last)
     folder = ckpt.find_resume()
     if folder is None:
@@ -167,11 +167,6 @@ PINNED_STATE = {"config_hash", "data_fingerprint", "model", "tokenizer_hash"}
 
 def write_snapshot(r: Run) -> None:
     """The resolved run config and DeepSpeed config beside the run's outputs (rank 0)."""
-    import json
-    from pathlib import Path
-
-    import yaml
-
     if r.rank != 0:
         return
     run_dir = Path(r.cfg.logging.run_dir)
@@ -182,16 +177,13 @@ def write_snapshot(r: Run) -> None:
 
 def loop(r: Run, engine, stage, ckpt, state: dict[str, Any], resumed: dict[str, Any] | None) -> int:
     """Run the shared loop with this stage's metrics (progress bar, metrics.jsonl, loss.png)."""
-    from train import loop as shared
-    from train.metrics import Metrics
-
     lg, t = r.cfg.logging, r.cfg.train
     metrics = Metrics(lg.run_dir, r.rank == 0, lg.tensorboard, t.max_steps, state["step"], stage=stage.name)
     if resumed:
         metrics.log(state["step"], resumed)
     code = 1
     try:
-        code = shared.train(engine, stage, r.cfg, ckpt, state, r.stop, metrics)
+        code = shared_loop.train(engine, stage, r.cfg, ckpt, state, r.stop, metrics)
     finally:
         metrics.close(plot=code == 0)
     return code
@@ -245,12 +237,6 @@ def exit_process(code: int, orderly: bool = True) -> NoReturn:
 
 def end_process_groups(timeout_s: float) -> None:
     """Bounded barrier with every peer, then destroy the process groups (when one exists)."""
-    if "torch.distributed" not in sys.modules:
-        return  # the stage stopped before torch was imported: nothing to end
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
