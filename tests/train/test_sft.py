@@ -318,3 +318,20 @@ def test_shape_fields_in_the_model_section_are_refused(process_group, sft_inputs
     args = argparse.Namespace(config=str(path), deepspeed_config=str(REPO / "ds_configs" / "zero0.json"), set=[])
     with pytest.raises(ZeroLLMError, match="model.n_layer: the model shape comes from sft.init_from"):
         stage_run(args)
+
+
+def test_resume_repeats_the_losses_of_an_uninterrupted_run(process_group, sft_inputs, tmp_path):
+    """2 steps, checkpoint, rerun to 4: steps 3-4 see the same rows and give the same losses."""
+    import yaml
+
+    root, _ = sft_inputs
+    straight = run_sft(sft_config(root, tmp_path / "a", max_steps=4))
+    path = sft_config(root, tmp_path / "b", max_steps=2)
+    run_sft(path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["max_steps"] = 4
+    path.write_text(yaml.safe_dump(cfg))
+    resumed = run_sft(path)
+    la = [r["loss"] for r in straight if "loss" in r]
+    lb = [r["loss"] for r in resumed if "loss" in r]
+    assert lb[-2:] == pytest.approx(la[2:], rel=1e-6)
