@@ -1,0 +1,278 @@
+"""The reward-model stage (train/reward.py, train/preference_data.py).
+
+pure math: last_token_index, bradley_terry_loss (hand-worked values)
+the same scores for the same pairs under left and right padding
+a tokenizer whose pad is its eos: one line
+rows -> token-exact pairs; hh-rlhf split at the last Assistant turn; every row kept or counted
+the stage through the shared loop (world size 1, in this process) learns a checkable preference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+from train.errors import ZeroLLMError
+from train.preference_data import Pair, build_pairs, collate, read_records, split_hh
+from train.reward import RewardModel, bradley_terry_loss, last_token_index
+
+HH = "hh_rlhf_harmless_1800.jsonl.gz"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    """One single-rank gloo group for this module (as tests/train/test_loop.py)."""
+    import os
+
+    import torch.distributed as dist
+
+    from train.engine import init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert init_distributed() == (0, 1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def copy_rows(n: int = 1200) -> list[dict]:
+    """A checkable preference: the chosen answer repeats the prompt's 3-digit number exactly,
+    the rejected one is a corrupted copy (two digits swapped, or one digit changed). The
+    numbers are drawn at random, so held-out prompts are new: only the rule generalises."""
+    rng, rows = random.Random(0), []
+    while len(rows) < n:
+        digits = [rng.randrange(10) for _ in range(3)]
+        wrong = list(digits)
+        i = rng.randrange(3)
+        if rng.random() < 0.5:
+            j = (i + 1) % 3
+            wrong[i], wrong[j] = wrong[j], wrong[i]
+        else:
+            wrong[i] = (wrong[i] + rng.randrange(1, 10)) % 10
+        if wrong != digits:
+            number = "".join(map(str, digits))
+            rows.append({"prompt": f"{number}=", "chosen": number, "rejected": "".join(map(str, wrong))})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    from data_pipeline.tokenizer import train_tokenizer
+
+    texts = [f"{r['prompt']}{r['chosen']}" for r in copy_rows()]
+    texts += ["\n\nHuman: how do I bake bread?\n\nAssistant: Mix flour, water and yeast, then wait."] * 20
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tok", 400)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    from data_pipeline.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_dir)
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def test_last_token_index_under_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    # right padding: 3 real tokens -> index 2; left padding: the last column 4; one token: 0; full: 4
+    assert last_token_index(mask).tolist() == [2, 4, 0, 4]
+
+
+def test_bradley_terry_loss_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigmoid(2) - log sigmoid(0) = log(1 + e^-2) + log 2 = 0.126928 + 0.693147 = 0.820075
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(0.820075, abs=1e-6)
+    # margin (1, 0): -log sigmoid(2 - 1) - log sigmoid(0) = log(1 + e^-1) + log 2 = 0.313262 + 0.693147
+    assert bradley_terry_loss(rc, rr, torch.tensor([1.0, 0.0])).item() == pytest.approx(1.006409, abs=1e-6)
+    # swapping chosen and rejected: log(1 + e^2) + log 2 = 2.126928 + 0.693147 = 2.820075
+    assert bradley_terry_loss(rr, rc).item() == pytest.approx(2.820075, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_scores_are_the_same_under_left_and_right_padding(tok):
+    from train.model import from_name
+
+    for style in ({}, {"pos_emb": "rope", "norm": "rmsnorm"}):  # GPT-2 (learned positions) and Llama style
+        torch.manual_seed(0)
+        model = RewardModel(from_name("tiny", dropout=0.0, **style)).eval()
+        nn_head = model.head
+        torch.nn.init.normal_(nn_head.weight, std=1.0)  # scores far from 0 so a wrong row shows
+        eos = tok.eos_token_id
+        pairs = [Pair([5, 6, 7, eos], [5, 6, 8, 9, 10, eos]), Pair([11, eos], [12, 13, 14, 15, 16, 17, 18, eos])]
+        with torch.no_grad():
+            right = model(**{k: v for k, v in collate(pairs, tok.pad_token_id, "right").items() if k != "margin"})
+            left = model(**{k: v for k, v in collate(pairs, tok.pad_token_id, "left").items() if k != "margin"})
+            alone = torch.stack([model(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))[0]
+                                 for x in [p.chosen for p in pairs] + [p.rejected for p in pairs]])  # fmt: skip
+        assert torch.allclose(left, right, atol=1e-5), (left, right)
+        assert torch.allclose(right, alone, atol=1e-5), (right, alone)
+        assert len(set(right.tolist())) == 4
+
+
+def test_a_tokenizer_whose_pad_is_its_eos_stops_with_one_line():
+    from train.preference_data import check_tokenizer
+
+    class Tok:
+        pad_token_id, eos_token_id, pad_token, eos_token = 0, 0, "<|endoftext|>", "<|endoftext|>"
+
+    with pytest.raises(ZeroLLMError) as e:
+        check_tokenizer(Tok(), "tok/")
+    assert "\n" not in str(e.value) and "pad token" in str(e.value) and "tok/" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_pairs_are_token_exact_and_long_prompts_lose_their_left_end(tok):
+    eos = tok.eos_token_id
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    row = {"prompt": "12=", "chosen": "12", "rejected": "21", "margin": 0.5}
+    (pair,) = build_pairs([row], tok, 64, "f").pairs
+    assert pair.chosen == ids("12=") + ids("12") + [eos] and pair.rejected == ids("12=") + ids("21") + [eos]
+    assert pair.margin == 0.5
+    long = {"prompt": "0123456789" * 5 + "=", "chosen": "12", "rejected": "21"}
+    out = build_pairs([long], tok, 8, "f")
+    p, c = ids(long["prompt"]), ids("12")
+    room = 8 - 1 - len(c)  # the responses and eos stay whole
+    assert out.truncated == 1 and out.pairs[0].chosen == p[-room:] + c + [eos]
+
+
+def test_bad_rows_are_counted_by_reason_and_a_file_without_pairs_stops(tok, tmp_path):
+    msgs = [{"role": "user", "content": "hi"}]
+    rows = [
+        {"prompt": "1=", "chosen": "1", "rejected": "2"},
+        {"prompt": "1=", "chosen": "1"},  # missing_rejected
+        {"prompt": "1=", "chosen": "1", "rejected": "1"},  # identical
+        {"prompt": "1=", "chosen": "  ", "rejected": "2"},  # empty_chosen
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},  # prompts_differ
+        {"chosen": "no turns here", "rejected": "nor here"},  # no_assistant_turn
+        {"chosen": msgs + [{"role": "assistant", "content": "hello"}],
+         "rejected": msgs + [{"role": "assistant", "content": "go away"}]},  # messages: kept
+        {"prompt": "hi", "chosen": [{"role": "assistant", "content": "yes"}],
+         "rejected": [{"role": "assistant", "content": "no"}]},  # prompt + assistant messages: kept
+    ]  # fmt: skip
+    out = build_pairs(rows, tok, 64, "f")
+    assert len(out.pairs) == 3 and out.rows == 8
+    assert dict(out.dropped) == {"missing_rejected": 1, "identical": 1, "empty_chosen": 1, "prompts_differ": 1,
+                                 "no_assistant_turn": 1}  # fmt: skip
+    chat = out.pairs[1]
+    prompt = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    assert chat.chosen[: len(prompt.input_ids)] == prompt.input_ids
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows[1:4]))
+    with pytest.raises(ZeroLLMError, match=r"bad.jsonl: no usable preference pair in 3 rows") as e:
+        build_pairs(read_records(bad), tok, 64, str(bad))
+    assert "\n" not in str(e.value)
+
+
+def test_hh_rlhf_pairs_split_at_the_last_assistant_turn_and_every_row_is_counted(tok, shared_data):
+    rows = read_records(shared_data / HH)
+    out = build_pairs(rows, tok, 256, HH)
+    report = out.report()
+    print("hh-rlhf at max_len 256:", report)
+    assert report["rows"] == 1800 and len(out.pairs) + sum(out.dropped.values()) == 1800
+    # measured with this file's 400-token BPE (long token strings): 1,169 kept (785 of them with the
+    # prompt cut from the left), 625 too_long, 4 empty_response, 2 prompts_differ
+    assert len(out.pairs) > 1000 and out.truncated > 0
+    prompt, response = split_hh(rows[0]["chosen"])
+    assert prompt.endswith("\n\nAssistant:") and "\n\nAssistant:" not in response
+    assert prompt == split_hh(rows[0]["rejected"])[0]
+    eos, ids = tok.eos_token_id, lambda s: tok(s, add_special_tokens=False).input_ids
+    short = next(r for r in rows if len(ids(r["chosen"])) < 100 and len(ids(r["rejected"])) < 100)
+    (pair,) = build_pairs([short], tok, 256, HH).pairs
+    (p, c), (_, r) = split_hh(short["chosen"]), split_hh(short["rejected"])
+    assert pair.chosen == ids(p) + ids(c) + [eos] and pair.rejected == ids(p) + ids(r) + [eos]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def write_run(tmp_path: Path, tok_dir: Path, init_from: Path, **train) -> Path:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in copy_rows()))
+    cfg = {
+        "model": {"preset": "tiny", "dropout": 0.0},
+        "data": {"seq_len": 16, "seed": 1},
+        "train": {"micro_batch_size": 16, "grad_accum_steps": 1, "max_steps": 200, "lr": 3e-3, "min_lr": 3e-4,
+                  "warmup_steps": 5, "weight_decay": 0.0, "precision": "fp32", "eval_interval": 200,
+                  "save_interval": 0, **train},
+        "logging": {"run_dir": str(tmp_path / "run"), "log_interval": 10, "tensorboard": False},
+        "reward": {"train_file": str(pairs), "tokenizer": str(tok_dir), "init_from": str(init_from),
+                   "max_len": 16, "valid_fraction": 0.1},
+    }  # fmt: skip
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_lm_weights_load_into_the_reward_model_and_the_head_starts_small(tmp_path, tok_dir):
+    from train.engine import load_initial_weights, open_initial_weights
+    from train.hf_export import export_hf
+    from train.model import CustomLanguageModel, from_name
+    from train.reward import with_head
+
+    torch.manual_seed(0)
+    cfg = from_name("tiny", pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+    lm = CustomLanguageModel(cfg)
+    source = open_initial_weights(export_hf(lm, cfg, tmp_path / "hf", tok_dir))
+    torch.manual_seed(1)
+    model = RewardModel(source.config)
+    load_initial_weights(model, with_head(source, 0.02, seed=0))  # the names build_engine asks for
+    want = {f"lm.{n}": p for n, p in lm.named_parameters() if n != "lm_head.weight"}
+    got = dict(model.named_parameters())
+    assert set(got) == set(want) | {"head.weight", "head.bias"}  # no LM head in a reward model
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert float(got["head.bias"].detach().abs().max()) == 0 and 0 < float(got["head.weight"].detach().std()) < 0.05
+
+
+def test_reward_stage_learns_a_checkable_preference_through_the_shared_loop(tmp_path, tok_dir):
+    from train import reward
+    from train.hf_export import export_hf
+    from train.model import CustomLanguageModel, from_name
+
+    torch.manual_seed(0)
+    lm_cfg = from_name("tiny", dropout=0.0)
+    lm = CustomLanguageModel(lm_cfg)
+    hf_dir = export_hf(lm, lm_cfg, tmp_path / "hf", tok_dir)  # the stage starts from an exported LM
+    config = write_run(tmp_path, tok_dir, hf_dir)
+    args = argparse.Namespace(config=str(config), deepspeed_config=str(REPO / "ds_configs" / "zero2.json"), set=[])
+    assert reward.stage_run(args) == 0
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (ev,) = [r for r in rows if "eval_accuracy" in r]
+    print("reward stage held-out:", {k: v for k, v in ev.items() if k.startswith(("eval", "train"))})
+    # Measured (200 steps of 16 pairs, tiny preset, seeds as here): held-out accuracy 0.958 on
+    # 120 pairs, margin 7.0 (150 steps on 800 rows gave 0.91; two-digit numbers, few enough to
+    # memorise, gave 0.78); a model that only guesses sits near 0.5. Sums ("2+3=5" against a
+    # wrong sum) learn too slowly for this test: 0.73 after 600 steps of 32 pairs.
+    assert ev["eval_accuracy"] >= 0.9 and ev["eval_margin"] > 0
+    assert math.isfinite(ev["eval_reward_std"]) and ev["eval_reward_std"] > 0
+    data = json.loads((run_dir / "reward_data.json").read_text())
+    assert data["train"]["rows"] + data["valid"]["rows"] == 1200 and data["train"]["dropped"] == {}
+    stats = json.loads((run_dir / "reward_stats.json").read_text())
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    assert stats["tokenizer_hash"] == tokenizer_hash(tok_dir) and stats["std"] > 0 and stats["step"] == 200
+    manifest = json.loads((run_dir / "checkpoints" / "step00000200" / "complete.json").read_text())
+    assert manifest["state"]["reward_stats"] == stats and manifest["state"]["tokenizer_hash"] == stats["tokenizer_hash"]

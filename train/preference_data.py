@@ -1,0 +1,231 @@
+"""Preference pairs for the reward model (and DPO): records -> token-exact (chosen, rejected) ids.
+
+Accepted rows (jsonl / jsonl.gz / parquet / a Hugging Face dataset directory, read with
+the `datasets` library):
+
+    {"prompt": "2+3=", "chosen": "5", "rejected": "6"}                  # optional "margin": 1.0
+    {"prompt": [msgs] or "text", "chosen": [msgs], "rejected": [msgs]}   # chat messages
+    {"chosen": [whole dialogue msgs], "rejected": [...]}                 # shared prefix = prompt
+    {"chosen": "\\n\\nHuman: ..\\n\\nAssistant: A", "rejected": "..."}    # hh-rlhf
+
+An hh-rlhf pair is split at the last "\\n\\nAssistant:" of each string: the prefix up to and
+including the marker is the prompt (both prefixes must agree), the rest the response.
+
+Sequences are token-exact: prompt ids and response ids are tokenized separately and
+concatenated (never a re-tokenised joined string), then the end-of-text token is
+appended; the reward is read there. Messages go through the tokenizer's chat template
+(the prompt with the generation prompt; a response as its content + `<|im_end|>\\n`).
+
+A pair longer than `max_len` loses prompt tokens from the left (the responses, where
+chosen and rejected differ, are kept whole); a pair whose responses alone do not fit is
+counted as `too_long`. Every row is either kept or counted under a reason; a file with no
+usable row stops with one line naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.errors import ZeroLLMError
+
+log = logging.getLogger("zerollm")
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+@dataclass
+class Pair:
+    chosen: list[int]  # prompt + chosen response + eos
+    rejected: list[int]  # prompt + rejected response + eos
+    margin: float | None = None
+
+
+@dataclass
+class PairSet:
+    pairs: list[Pair]
+    rows: int  # rows read
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows not kept
+    truncated: int = 0  # kept pairs whose prompt lost tokens from the left
+
+    def report(self) -> dict[str, Any]:
+        return {"rows": self.rows, "kept": len(self.pairs), "truncated_prompt": self.truncated,
+                "dropped": dict(sorted(self.dropped.items()))}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a .jsonl(.gz) / .parquet file or a dataset directory, as dicts."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(path)
+    if not p.exists():
+        raise ZeroLLMError(f"{p}: not found")
+    try:
+        if p.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(p))
+            except FileNotFoundError:
+                ds = datasets.load_dataset(str(p))
+        else:
+            kind = "parquet" if p.suffix == ".parquet" else "json"
+            ds = datasets.load_dataset(kind, data_files=str(p))
+    except ZeroLLMError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
+        raise ZeroLLMError(f"{p}: cannot read it as records ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return ds.to_list()
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+class BadRow(Exception):
+    """A row that cannot become a pair; args[0] is the reason it is counted under."""
+
+
+def _text(row: dict[str, Any], key: str) -> Any:
+    if key not in row or row[key] is None:
+        raise BadRow(f"missing_{key}")
+    value = row[key]
+    if isinstance(value, str) and not value.strip():
+        raise BadRow(f"empty_{key}")
+    if isinstance(value, list) and not value:
+        raise BadRow(f"empty_{key}")
+    if not isinstance(value, (str, list)):
+        raise BadRow(f"bad_type_{key}")
+    return value
+
+
+def split_hh(dialogue: str) -> tuple[str, str]:
+    """An hh-rlhf dialogue -> (prompt up to and including the last Assistant marker, response)."""
+    at = dialogue.rfind(HH_ASSISTANT)
+    if at < 0:
+        raise BadRow("no_assistant_turn")
+    cut = at + len(HH_ASSISTANT)
+    return dialogue[:cut], dialogue[cut:]
+
+
+def row_parts(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(prompt, chosen response, rejected response): strings, or message lists for the prompt."""
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    if chosen == rejected:
+        raise BadRow("identical")
+    if row.get("prompt") is not None:
+        prompt = _text(row, "prompt")
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            raise BadRow("mixed_types")
+        if isinstance(chosen, list):  # prompt + assistant turn(s)
+            return _as_messages(prompt), _last_content(chosen), _last_content(rejected)
+        return prompt, chosen, rejected
+    if isinstance(chosen, str) and isinstance(rejected, str):  # hh-rlhf
+        (pc, rc), (pr, rr) = split_hh(chosen), split_hh(rejected)
+        if pc != pr:
+            raise BadRow("prompts_differ")
+        if not rc.strip() or not rr.strip():
+            raise BadRow("empty_response")
+        return pc, rc, rr
+    if isinstance(chosen, list) and isinstance(rejected, list):  # whole conversations
+        if chosen[:-1] != rejected[:-1]:
+            raise BadRow("prompts_differ")
+        if not chosen[:-1]:
+            raise BadRow("missing_prompt")
+        return _as_messages(chosen[:-1]), _last_content(chosen), _last_content(rejected)
+    raise BadRow("mixed_types")
+
+
+def _as_messages(prompt: Any) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _last_content(messages: list[Any]) -> str:
+    last = messages[-1]
+    if not isinstance(last, dict) or not isinstance(last.get("content"), str):
+        raise BadRow("bad_message")
+    if not last["content"].strip():
+        raise BadRow("empty_response")
+    return last["content"]
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def check_tokenizer(tok, where: str) -> None:
+    """The reward is read at the appended eos: padding must be a different token."""
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise ZeroLLMError(
+            f"{where}: the tokenizer's pad token {tok.pad_token!r} is missing or equals its eos token "
+            f"{tok.eos_token!r}; give it a distinct pad_token (tokenizer_config.json)"
+        )
+
+
+def encode_prompt(tok, prompt: Any) -> list[int]:
+    if isinstance(prompt, list):
+        if not tok.chat_template:
+            raise ZeroLLMError("messages rows need a tokenizer with a chat_template (tokenizer_config.json)")
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False).input_ids
+    return tok(prompt, add_special_tokens=False).input_ids
+
+
+def encode_response(tok, response: str, chat: bool) -> list[int]:
+    ids = tok(response, add_special_tokens=False).input_ids
+    if chat:  # the assistant turn closes as the chat template closes it
+        ids = ids + tok("<|im_end|>\n", add_special_tokens=False).input_ids
+    return ids
+
+
+def build_pairs(records: list[dict[str, Any]], tok, max_len: int, where: str) -> PairSet:
+    """Rows -> token-exact pairs; each row kept or counted by reason. No usable row: one line."""
+    out = PairSet([], len(records))
+    eos = tok.eos_token_id
+    for row in records:
+        try:
+            prompt, chosen, rejected = row_parts(row)
+        except BadRow as e:
+            out.dropped[e.args[0]] += 1
+            continue
+        chat = isinstance(prompt, list)
+        p = encode_prompt(tok, prompt)
+        c, r = encode_response(tok, chosen, chat), encode_response(tok, rejected, chat)
+        room = max_len - 1 - max(len(c), len(r))  # prompt tokens that fit beside the longer response + eos
+        if room < 1:
+            out.dropped["too_long"] += 1
+            continue
+        if len(p) > room:
+            p = p[len(p) - room :]  # keep the end of the prompt, next to the responses
+            out.truncated += 1
+        margin = row.get("margin")
+        out.pairs.append(Pair(p + c + [eos], p + r + [eos], None if margin is None else float(margin)))
+    if not out.pairs:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(out.dropped.items())) or "no rows"
+        raise ZeroLLMError(f"{where}: no usable preference pair in {out.rows} rows ({reasons})")
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(pairs: list[Pair], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """B pairs -> input_ids / attention_mask (2B, T): the B chosen rows, then the B rejected
+    rows; margin (B,) (zeros when no pair has one)."""
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    T = max(len(x) for x in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, x in enumerate(rows):
+        sl = slice(0, len(x)) if padding_side == "right" else slice(T - len(x), T)
+        ids[i, sl] = torch.tensor(x, dtype=torch.long)
+        mask[i, sl] = 1
+    margin = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": mask, "margin": margin}
