@@ -276,3 +276,38 @@ def test_reward_stage_learns_a_checkable_preference_through_the_shared_loop(tmp_
     assert stats["tokenizer_hash"] == tokenizer_hash(tok_dir) and stats["std"] > 0 and stats["step"] == 200
     manifest = json.loads((run_dir / "checkpoints" / "step00000200" / "complete.json").read_text())
     assert manifest["state"]["reward_stats"] == stats and manifest["state"]["tokenizer_hash"] == stats["tokenizer_hash"]
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_launch_trains_saves_and_resumes(tmp_path, tok_dir):
+    """`deepspeed --num_gpus 2 -m train.reward` as a user runs it: ZeRO-3 (the LM loaded
+    partition by partition through the name mapping), held-out eval sharded over ranks;
+    the same command again resumes at the last step and exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    from train.hf_export import export_hf
+    from train.model import CustomLanguageModel, from_name
+
+    torch.manual_seed(0)
+    lm_cfg = from_name("tiny", dropout=0.0)
+    hf_dir = export_hf(CustomLanguageModel(lm_cfg), lm_cfg, tmp_path / "hf", tok_dir)
+    config = write_run(tmp_path, tok_dir, hf_dir, max_steps=6, eval_interval=3, save_interval=3, micro_batch_size=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "--module", "train.reward", "--config", str(config),
+           "--deepspeed_config", str(REPO / "ds_configs" / "zero3.json")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for attempt in ("fresh", "resume"):
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (attempt, out.stdout[-3000:], out.stderr[-3000:])
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(0 <= r["eval_accuracy"] <= 1 for r in evals)
+    stats = json.loads((run_dir / "reward_stats.json").read_text())
+    assert stats["step"] == 6 and stats["n_rewards"] == 2 * 512  # stats_pairs, sharded and summed over 2 ranks
+    assert "resumed from" in out.stdout + out.stderr
