@@ -209,6 +209,7 @@ def test_hh_rlhf_pairs_split_at_the_last_assistant_turn_and_every_row_is_counted
 
 
 def write_run(tmp_path: Path, tok_dir: Path, init_from: Path, **train) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in copy_rows()))
     cfg = {
@@ -276,6 +277,27 @@ def test_reward_stage_learns_a_checkable_preference_through_the_shared_loop(tmp_
     assert stats["tokenizer_hash"] == tokenizer_hash(tok_dir) and stats["std"] > 0 and stats["step"] == 200
     manifest = json.loads((run_dir / "checkpoints" / "step00000200" / "complete.json").read_text())
     assert manifest["state"]["reward_stats"] == stats and manifest["state"]["tokenizer_hash"] == stats["tokenizer_hash"]
+
+
+def test_micro_batch_and_accumulation_splits_give_the_same_losses(tmp_path, tok_dir):
+    """The loop divides the summed pair losses by the global pair count, and scores do not
+    depend on how a micro batch is padded: 1 x 4 and 4 x 1 pairs give the same step losses."""
+    from train import reward
+    from train.hf_export import export_hf
+    from train.model import CustomLanguageModel, from_name
+
+    torch.manual_seed(0)
+    lm_cfg = from_name("tiny", dropout=0.0)
+    hf_dir = export_hf(CustomLanguageModel(lm_cfg), lm_cfg, tmp_path / "hf", tok_dir)
+    losses = {}
+    for mb, gas in ((1, 4), (4, 1)):
+        config = write_run(tmp_path / f"mb{mb}", tok_dir, hf_dir, max_steps=3, eval_interval=0, warmup_steps=1)
+        sets = [f"train.micro_batch_size={mb}", f"train.grad_accum_steps={gas}", "logging.log_interval=1"]
+        ds = str(REPO / "ds_configs" / "zero0.json")
+        assert reward.stage_run(argparse.Namespace(config=str(config), deepspeed_config=ds, set=sets)) == 0
+        lines = (tmp_path / f"mb{mb}" / "run" / "metrics.jsonl").read_text().splitlines()
+        losses[mb] = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[4], rel=1e-5), losses
 
 
 @pytest.mark.slow
