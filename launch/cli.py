@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Friendly shorthands: `zerollm pretrain ARGS` is `zerollm launch pretrain ARGS`.
-ALIASES = {"pretrain": ["launch", "pretrain"], "sft": ["launch", "sft"]}
+ALIASES = {stage: ["launch", stage] for stage in ("pretrain", "sft", "reward")}
 
 
 def main(argv: list[str] | None = None) -> int:

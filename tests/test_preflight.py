@@ -120,7 +120,7 @@ def test_a_stage_brings_its_own_sections_and_input_check(tmp_path, capsys, monke
         ("rows.jsonl", "\n[1, 2]\n", "rows.jsonl:2: expected a JSON object per line, got list"),
         ("rows.jsonl", "{oops\n", "rows.jsonl:1: not valid JSON"),
         ("rows.parquet", "not parquet", "is not a parquet file"),
-        ("rows.csv", "a,b\n", "expected a .jsonl or .parquet file or a Hugging Face dataset directory"),
+        ("rows.csv", "a,b\n", "expected a .jsonl, .jsonl.gz or .parquet file or a Hugging Face dataset directory"),
     ],
 )
 def test_bad_record_file_is_one_line_naming_file_and_key(tmp_path, name, text, message):
@@ -148,3 +148,21 @@ def test_record_inputs_that_pass(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ZeroLLMError, match="is not a Hugging Face dataset directory"):
         check_record_file(tmp_path / "empty", "k")
+
+
+def test_record_check_reads_gzipped_jsonl(tmp_path):
+    import gzip
+
+    good = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(good, "wt") as f:
+        f.write('\n{"chosen": "a", "rejected": "b"}\n')
+    check_record_file(good, "run.yaml: reward.train_file")
+    bad = tmp_path / "list.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write("[1, 2]\n")
+    with pytest.raises(ZeroLLMError, match=r"list.jsonl.gz:1: expected a JSON object per line, got list"):
+        check_record_file(bad, "run.yaml: reward.train_file")
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"not gzip at all")
+    with pytest.raises(ZeroLLMError, match=r"reward.train_file: .*broken.jsonl.gz: cannot be read"):
+        check_record_file(broken, "run.yaml: reward.train_file")

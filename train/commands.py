@@ -1,4 +1,4 @@
-"""`zerollm pretrain`, `zerollm export`, `zerollm checkpoint universal` (light at import)."""
+"""`zerollm pretrain` / `sft` / `reward`, `zerollm export`, `zerollm checkpoint universal` (light at import)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,24 @@ from train.errors import ZeroLLMError
 log = logging.getLogger("zerollm")
 
 
+STAGE_HELP = {
+    "pretrain": "pretrain",
+    "sft": "supervised fine-tuning on chat data",
+    "reward": "train a reward model on preference pairs",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    # `zerollm pretrain ARGS` is rewritten to `zerollm launch pretrain ARGS` (launch/cli.py ALIASES);
-    # this parser only shows it in `zerollm --help`.
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain (same as `zerollm launch pretrain ...`, e.g. --config R.yaml --ds ds_configs/zero2.json)",
-        description="Run train.pretrain under the deepspeed launcher; every option of `zerollm launch` "
-        "applies (see `zerollm launch --help`). Re-running resumes from the last checkpoint.",
-    )
-    p.set_defaults(func=lambda args: 0)
+    # `zerollm STAGE ARGS` is rewritten to `zerollm launch STAGE ARGS` (launch/cli.py ALIASES);
+    # these parsers only show the stages in `zerollm --help`.
+    for stage, what in STAGE_HELP.items():
+        p = sub.add_parser(
+            stage,
+            help=f"{what} (same as `zerollm launch {stage} ...`, e.g. --config R.yaml --ds ds_configs/zero2.json)",
+            description=f"Run train.{stage} under the deepspeed launcher; every option of `zerollm launch` "
+            "applies (see `zerollm launch --help`). Re-running resumes from the last checkpoint.",
+        )
+        p.set_defaults(func=lambda args: 0)
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face model directory")
     p.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import gzip
 import hashlib
 import importlib
 import json
@@ -388,20 +389,27 @@ def check_record_file(path: str | Path, where: str) -> None:
             if f.read(4) != b"PAR1":
                 raise ZeroLLMError(f"{where}: {path} is not a parquet file (no PAR1 header)")
         return
-    if path.suffix != ".jsonl":
-        raise ZeroLLMError(f"{where}: {path}: expected a .jsonl or .parquet file or a Hugging Face dataset directory")
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ZeroLLMError(f"{where}: {path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(record, dict):
-                got = type(record).__name__
-                raise ZeroLLMError(f"{where}: {path}:{lineno}: expected a JSON object per line, got {got}")
-            return
+    gz = path.name.endswith(".jsonl.gz")
+    if path.suffix != ".jsonl" and not gz:
+        raise ZeroLLMError(
+            f"{where}: {path}: expected a .jsonl, .jsonl.gz or .parquet file or a Hugging Face dataset directory"
+        )
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as f:
+            first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), None)
+    except OSError as e:  # e.g. a corrupt .gz
+        raise ZeroLLMError(f"{where}: {path}: cannot be read ({e})") from None
+    if first is not None:
+        lineno, line = first
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ZeroLLMError(f"{where}: {path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            got = type(record).__name__
+            raise ZeroLLMError(f"{where}: {path}:{lineno}: expected a JSON object per line, got {got}")
+        return
     raise ZeroLLMError(f"{where}: {path} has no records")
 
 

@@ -33,3 +33,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is true; 0 when nothing is selected (not NaN)."""
     mask = mask.to(values.dtype).expand_as(values)
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B,) index of each row's last real token (left or right padding)."""
+    T = attention_mask.size(1)
+    pos = torch.arange(T, device=attention_mask.device)  # (T,)
+    return (attention_mask.long() * pos).argmax(dim=1)  # the largest position whose mask is 1
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Summed -log sigmoid(r_chosen - r_rejected - margin) over pairs, all (B,); fp32."""
+    diff = r_chosen.float() - r_rejected.float()
+    if margin is not None:
+        diff = diff - margin.float()
+    return -F.logsigmoid(diff).sum()

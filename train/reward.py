@@ -40,6 +40,7 @@ from train.config import RunConfig, check_record_file
 from train.engine import all_reduce_sum, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
+from train.losses import bradley_terry_loss, last_token_index
 from train.model import CustomLanguageModel, ModelConfig, padding_causal_mask
 from train.preference_data import Pair, PairSet, build_pairs, check_tokenizer, collate, read_records
 
@@ -63,23 +64,6 @@ CONFIG_SECTIONS = {"reward": RewardConfig}
 
 
 # ----------------------------------------------------------------------------- pure math (-> train/losses.py)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 mask -> (B,) index of each row's last real token (left or right padding)."""
-    T = attention_mask.size(1)
-    pos = torch.arange(T, device=attention_mask.device)  # (T,)
-    return (attention_mask.long() * pos).argmax(dim=1)  # the largest position whose mask is 1
-
-
-def bradley_terry_loss(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Summed -log sigmoid(r_chosen - r_rejected - margin) over pairs, all (B,); fp32."""
-    diff = r_chosen.float() - r_rejected.float()
-    if margin is not None:
-        diff = diff - margin.float()
-    return -F.logsigmoid(diff).sum()
 
 
 # ----------------------------------------------------------------------------- model
@@ -304,10 +288,8 @@ def preflight(cfg: RunConfig) -> None:
         raise ZeroLLMError(f"{cfg.path}: reward.train_file: no preference data given")
     for key in ("train_file", "valid_file"):
         path = getattr(rc, key)
-        if path and not path.endswith(".gz"):  # check_record_file reads plain jsonl / parquet / dirs
+        if path:
             check_record_file(path, f"{cfg.path}: reward.{key}")
-        elif path and not Path(path).is_file():
-            raise ZeroLLMError(f"{cfg.path}: reward.{key}: {path} not found")
     tok = Path(tokenizer_dir(cfg))
     if not tok.is_dir():
         raise ZeroLLMError(f"{cfg.path}: reward.tokenizer: directory {tok} not found")

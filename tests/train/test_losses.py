@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from train.losses import IGNORE_INDEX, lm_loss, masked_mean
+from train.losses import IGNORE_INDEX, bradley_terry_loss, last_token_index, lm_loss, masked_mean
 
 
 def test_lm_loss_sums_valid_targets_and_counts_them():
@@ -54,3 +55,19 @@ def test_masked_mean_broadcasts_a_mask_over_rows():
 
 def test_masked_mean_of_an_empty_selection_is_zero_not_nan():
     assert float(masked_mean(torch.tensor([5.0, 7.0]), torch.tensor([False, False]))) == 0.0
+
+
+def test_last_token_index_under_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    # right padding: 3 real tokens -> index 2; left padding: the last column 4; one token: 0; full: 4
+    assert last_token_index(mask).tolist() == [2, 4, 0, 4]
+
+
+def test_bradley_terry_loss_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigmoid(2) - log sigmoid(0) = log(1 + e^-2) + log 2 = 0.126928 + 0.693147 = 0.820075
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(0.820075, abs=1e-6)
+    # margin (1, 0): -log sigmoid(2 - 1) - log sigmoid(0) = log(1 + e^-1) + log 2 = 0.313262 + 0.693147
+    assert bradley_terry_loss(rc, rr, torch.tensor([1.0, 0.0])).item() == pytest.approx(1.006409, abs=1e-6)
+    # swapping chosen and rejected: log(1 + e^2) + log 2 = 2.126928 + 0.693147 = 2.820075
+    assert bradley_terry_loss(rr, rc).item() == pytest.approx(2.820075, abs=1e-6)

@@ -1,6 +1,6 @@
 """The reward-model stage (train/reward.py, train/preference_data.py).
 
-pure math: last_token_index, bradley_terry_loss (hand-worked values)
+pure math: last_token_index, bradley_terry_loss (tests/train/test_losses.py)
 the same scores for the same pairs under left and right padding
 a tokenizer whose pad is its eos: one line
 rows -> token-exact pairs; hh-rlhf split at the last Assistant turn; every row kept or counted
@@ -23,7 +23,7 @@ import yaml
 from tests.conftest import REPO
 from train.errors import ZeroLLMError
 from train.preference_data import Pair, build_pairs, collate, read_records, split_hh
-from train.reward import RewardModel, bradley_terry_loss, last_token_index
+from train.reward import RewardModel
 
 HH = "hh_rlhf_harmless_1800.jsonl.gz"
 
@@ -86,25 +86,6 @@ def tok(tok_dir):
     from data_pipeline.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir)
-
-
-# ----------------------------------------------------------------------------- pure math
-
-
-def test_last_token_index_under_left_and_right_padding():
-    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
-    # right padding: 3 real tokens -> index 2; left padding: the last column 4; one token: 0; full: 4
-    assert last_token_index(mask).tolist() == [2, 4, 0, 4]
-
-
-def test_bradley_terry_loss_by_hand():
-    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
-    # -log sigmoid(2) - log sigmoid(0) = log(1 + e^-2) + log 2 = 0.126928 + 0.693147 = 0.820075
-    assert bradley_terry_loss(rc, rr).item() == pytest.approx(0.820075, abs=1e-6)
-    # margin (1, 0): -log sigmoid(2 - 1) - log sigmoid(0) = log(1 + e^-1) + log 2 = 0.313262 + 0.693147
-    assert bradley_terry_loss(rc, rr, torch.tensor([1.0, 0.0])).item() == pytest.approx(1.006409, abs=1e-6)
-    # swapping chosen and rejected: log(1 + e^2) + log 2 = 2.126928 + 0.693147 = 2.820075
-    assert bradley_terry_loss(rr, rc).item() == pytest.approx(2.820075, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- model
