@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,26 +69,63 @@ def tiny_run_config(
     return path
 
 
-def _spin(stop) -> None:
-    while not stop.is_set():
-        sum(i * i for i in range(10_000))
+SINGLE_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="session")
+def _single_rank_pg():
+    """One single-rank gloo process group for the whole session, ended before pytest
+    exits (a live gloo group can abort the interpreter's exit). Created once: DeepSpeed
+    caches its groups, so a second init after a destroy would leave it holding dead ones."""
+    import socket
+
+    import torch.distributed as dist
+
+    from train.engine import init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with _environ(values):
+        assert init_distributed() == (0, 1)
+    yield values
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single_rank_group(_single_rank_pg):
+    """World size 1, no launcher, for a module's in-process engine tests; the rank
+    variables DeepSpeed reads are set only while that module runs (never for launches
+    made by other modules)."""
+    with _environ(_single_rank_pg):
+        yield
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture
 def busy_cpu():
     """Two processes spinning beside a test's launches: a loaded machine on purpose
     (the rare exit-time aborts of issue "exit codes are exact" showed up under load)."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(2)]
-    for p in procs:
-        p.start()
+    spin = "while True: sum(i * i for i in range(10_000))"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
     yield
-    stop.set()
     for p in procs:
-        p.join(10)
+        p.kill()
+        p.wait(10)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None):

@@ -37,7 +37,8 @@ def _launch(tmp: Path, data: str, ds: Path, name: str, *extra: str) -> tuple[int
     return rc, log.read_text()
 
 
-def test_default_terminal_shows_our_lines_and_bar_and_the_log_file_has_deepspeeds(tiny_run):
+def test_default_terminal_shows_our_lines_and_bar_and_the_log_file_has_deepspeeds(tiny_run, busy_cpu):
+    # Under a busy CPU this is also the exit-code-0 case of tests/train/test_exit_codes.py.
     tmp, data, ds = tiny_run
     rc, out = _launch(tmp, data, ds, "quiet")
     assert rc == 0, out[-3000:]
@@ -50,6 +51,7 @@ def test_default_terminal_shows_our_lines_and_bar_and_the_log_file_has_deepspeed
     full = Path(path).read_text()
     assert "[INFO] [launch.py" in full and "spawned with command" in full  # the launcher's own
     assert "[rank0] model: " in full and "pretrain: 100%|" in full  # and all the rest
+    assert "terminate called" not in full  # no rank aborted while exiting
 
 
 def test_verbose_terminal_shows_deepspeeds_output_too(tiny_run):

@@ -4,8 +4,10 @@ CPU made busy on purpose (spinning processes beside the run, as on a loaded CI m
     0   training finished            3   train.max_bad_steps NaN steps in a row
     75  SIGTERM: checkpoint, stop    2   bad input found on the ranks (one line)
 
-once through the plain deepspeed launcher (3 and 75 there are test_pretrain.py's NaN-stop
-and SIGTERM tests, which run with the same busy CPU) and once under `zerollm launch`. Before the
+once through the plain deepspeed launcher and once under `zerollm launch`. Launches that
+other tests need anyway carry some cases, with the same busy CPU: plain deepspeed 0, 3 and
+75 are test_pretrain.py's accumulation, NaN-stop and SIGTERM tests; `zerollm launch` 0 is
+tests/launch/test_launch_output.py's default-terminal run. Before the
 orderly exit (train/run.py exit_process) about 1 exit in 20-30 ended in
 `terminate called without an active exception` (SIGABRT, status 250) because gloo's
 process groups were still alive when the interpreter finalised.
@@ -77,7 +79,7 @@ def check_outcome(case: str, run_dir: Path, code: int, out: str) -> None:
 
 
 @pytest.mark.parametrize("repeat", range(REPEATS))
-@pytest.mark.parametrize("case", ["end", "input"])
+@pytest.mark.parametrize("case", ["input"])
 def test_plain_deepspeed_launcher_exits_with_the_stage_code(busy_cpu, data, tmp_path, case, repeat):
     cfg = case_config(tmp_path, data, case)
     result = launch(cfg, "zero1.json", env={**env_for(case), "PYTHONFAULTHANDLER": "1"})
@@ -85,7 +87,7 @@ def test_plain_deepspeed_launcher_exits_with_the_stage_code(busy_cpu, data, tmp_
 
 
 @pytest.mark.parametrize("repeat", range(REPEATS))
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["nan", "term", "input"])
 def test_zerollm_launch_exits_with_the_stage_code(busy_cpu, data, tmp_path, case, repeat):
     cfg = case_config(tmp_path, data, case)
     run_dir = tmp_path / case

@@ -12,7 +12,6 @@ world size 1, no launcher. The launcher tests (test_pretrain.py) keep the multi-
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +24,7 @@ from train.errors import EXIT_BAD_LOSS, EXIT_OK, EXIT_PREEMPTED
 SEQ = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """One single-rank gloo group for this module, ended before pytest exits."""
-    import os
-
-    import torch.distributed as dist
-
-    from train.engine import init_distributed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    assert init_distributed() == (0, 1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 
 def make_cfg(tmp_path: Path, **train):

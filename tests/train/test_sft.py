@@ -193,31 +193,6 @@ def test_packed_loss_equals_unpacked_loss(tok):
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    """One single-rank gloo group for the stage tests (as tests/train/test_loop.py)."""
-    import os
-    import socket
-
-    import torch.distributed as dist
-
-    from train.engine import init_distributed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    assert init_distributed() == (0, 1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
 def sft_inputs(tmp_path_factory, tok_dir, tok):
     """A random tiny-preset model exported as an HF dir (with the tokenizer) and the
     reverse task: train/valid jsonl of {"prompt": "reverse: a b c", "response": "c b a"}."""
@@ -278,7 +253,7 @@ def run_sft(config: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_accumulation_invariance(process_group, sft_inputs, tmp_path):
+def test_accumulation_invariance(single_rank_group, sft_inputs, tmp_path):
     root, _ = sft_inputs
     a = run_sft(sft_config(root, tmp_path / "a", micro_batch_size=1, grad_accum_steps=4))
     b = run_sft(sft_config(root, tmp_path / "b", micro_batch_size=4, grad_accum_steps=1))
@@ -287,7 +262,7 @@ def test_accumulation_invariance(process_group, sft_inputs, tmp_path):
     assert la == pytest.approx(lb, rel=1e-5)
 
 
-def test_sft_lowers_held_out_loss_and_logs_samples(process_group, sft_inputs, tok, tmp_path):
+def test_sft_lowers_held_out_loss_and_logs_samples(single_rank_group, sft_inputs, tok, tmp_path):
     root, model = sft_inputs
     convs, rep = load_records(root / "valid.jsonl")
     with torch.no_grad():
@@ -302,7 +277,7 @@ def test_sft_lowers_held_out_loss_and_logs_samples(process_group, sft_inputs, to
     assert (tmp_path / "run" / "samples.txt").read_text().count("--- prompt:") == 2
 
 
-def test_shape_fields_in_the_model_section_are_refused(process_group, sft_inputs, tmp_path):
+def test_shape_fields_in_the_model_section_are_refused(single_rank_group, sft_inputs, tmp_path):
     import argparse
 
     import yaml
@@ -320,7 +295,7 @@ def test_shape_fields_in_the_model_section_are_refused(process_group, sft_inputs
         stage_run(args)
 
 
-def test_resume_repeats_the_losses_of_an_uninterrupted_run(process_group, sft_inputs, tmp_path):
+def test_resume_repeats_the_losses_of_an_uninterrupted_run(single_rank_group, sft_inputs, tmp_path):
     """2 steps, checkpoint, rerun to 4: steps 3-4 see the same rows and give the same losses."""
     import yaml
 
