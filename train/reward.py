@@ -37,7 +37,7 @@ from torch import nn
 
 from train import run
 from train.config import RunConfig, check_record_file
-from train.engine import all_reduce_sum, zero_stage
+from train.engine import all_reduce_sum, open_initial_weights, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import bradley_terry_loss, last_token_index
@@ -61,9 +61,6 @@ class RewardConfig:
 
 
 CONFIG_SECTIONS = {"reward": RewardConfig}
-
-
-# ----------------------------------------------------------------------------- pure math (-> train/losses.py)
 
 
 # ----------------------------------------------------------------------------- model
@@ -295,15 +292,15 @@ def preflight(cfg: RunConfig) -> None:
         raise ZeroLLMError(f"{cfg.path}: reward.tokenizer: directory {tok} not found")
 
 
-def check_resume_compatible(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
-    for key, what in (("data_fingerprint", "data"), ("model", "model shape"), ("tokenizer_hash", "tokenizer")):
-        if saved.get(key) != now[key]:
-            raise ZeroLLMError(f"{where}: the {what} differs from this run's; use a new logging.run_dir")
+# What a resume must find unchanged, as the user would name it.
+RESUME_CHECKS = {
+    "data_fingerprint": "data (reward.train_file/valid_file/valid_fraction/max_len, data.seed)",
+    "model": "model shape",
+    "tokenizer_hash": "tokenizer",
+}
 
 
 def stage_run(args) -> int:
-    from train.engine import open_initial_weights
-
     r = run.start(args, CONFIG_SECTIONS)
     cfg = r.cfg
     preflight(cfg)
@@ -332,7 +329,7 @@ def stage_run(args) -> int:
         "reward_stats": None,
     }
     ckpt, state, resumed = run.resume(
-        r, engine, state, lambda saved, where: check_resume_compatible(saved, state, where)
+        r, engine, state, lambda saved, where: run.refuse_another_run(saved, state, where, RESUME_CHECKS)
     )
     run.write_snapshot(r)
     if r.rank == 0:

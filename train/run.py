@@ -165,6 +165,14 @@ def resume(r: Run, engine, state: dict[str, Any], check: Callable[[dict[str, Any
 PINNED_STATE = {"config_hash", "data_fingerprint", "model", "tokenizer_hash"}
 
 
+def refuse_another_run(saved: dict[str, Any], fresh: dict[str, Any], where: str, what: dict[str, str]) -> None:
+    """One line when checkpoint `where` was trained with other data, model shape or
+    tokenizer: `what` maps each state key to check to what it names for the user."""
+    for key, name in what.items():
+        if saved.get(key) != fresh[key]:
+            raise ZeroLLMError(f"{where}: was trained with another {name}; use a new logging.run_dir")
+
+
 def write_snapshot(r: Run) -> None:
     """The resolved run config and DeepSpeed config beside the run's outputs (rank 0)."""
     if r.rank != 0:

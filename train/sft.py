@@ -246,12 +246,12 @@ def model_shape(model_cfg) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in OVERRIDABLE_MODEL_FIELDS | {"init_std"}}
 
 
-def check_resume_compatible(saved: dict[str, Any], state: dict[str, Any], where: str) -> None:
-    """Refuse (one line) to resume onto other rows, another model shape or tokenizer."""
-    for key, what in (("data_fingerprint", "data (sft.train_file/max_len/packing, data.seed)"),
-                      ("model", "model shape (sft.init_from)"), ("tokenizer_hash", "tokenizer")):  # fmt: skip
-        if saved.get(key) != state[key]:
-            raise ZeroLLMError(f"{where}: was trained with another {what}; use a new logging.run_dir")
+# What a resume must find unchanged, as the user would name it.
+RESUME_CHECKS = {
+    "data_fingerprint": "data (sft.train_file/max_len/packing, data.seed)",
+    "model": "model shape (sft.init_from)",
+    "tokenizer_hash": "tokenizer",
+}
 
 
 # ----------------------------------------------------------------------------- main
@@ -278,7 +278,7 @@ def stage_run(args) -> int:
     }
     fresh = dict(state)
     ckpt, state, resumed = run.resume(
-        r, engine, state, lambda saved, where: check_resume_compatible(saved, fresh, where)
+        r, engine, state, lambda saved, where: run.refuse_another_run(saved, fresh, where, RESUME_CHECKS)
     )
     run.write_snapshot(r)
     if r.rank == 0:

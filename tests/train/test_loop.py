@@ -206,3 +206,16 @@ def test_pretraining_changes_every_trainable_parameter(tmp_path):
     trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     unchanged = [n for n in trainable if torch.equal(before[n], after[n])]
     assert trainable and not unchanged, unchanged
+
+
+def test_a_resume_onto_another_run_is_refused_naming_what_changed():
+    from train.errors import ZeroLLMError
+    from train.run import refuse_another_run
+
+    fresh = {"data_fingerprint": "aa", "model": {"d_model": 64}, "tokenizer_hash": "t1"}
+    what = {"data_fingerprint": "data (x.train_file)", "model": "model shape", "tokenizer_hash": "tokenizer"}
+    refuse_another_run(dict(fresh), fresh, "ckpt", what)  # the same run: fine
+    with pytest.raises(ZeroLLMError, match=r"^ckpt: was trained with another model shape; use a new logging.run_dir"):
+        refuse_another_run({**fresh, "model": {"d_model": 128}}, fresh, "ckpt", what)
+    with pytest.raises(ZeroLLMError, match=r"another data \(x.train_file\)"):
+        refuse_another_run({**fresh, "data_fingerprint": "bb"}, fresh, "ckpt", what)
