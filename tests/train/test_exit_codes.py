@@ -33,7 +33,7 @@ from tests.train.test_pretrain import free_port, launch, losses, run_config, wri
 pytestmark = pytest.mark.slow
 
 REPEATS = int(os.environ.get("ZEROLLM_EXIT_REPEATS", "1"))
-CASES = {"end": 0, "nan": 3, "term": 75, "input": 2}
+CASES = {"nan": 3, "term": 75, "input": 2}  # 0 is carried by other tests' launches (above)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,7 @@ def check_outcome(case: str, run_dir: Path, code: int, out: str) -> None:
     assert code == CASES[case], f"{case}: exit {code}, expected {CASES[case]}\n{out[-3000:]}"
     assert "terminate called" not in out, out[-3000:]
     ckpts = run_dir / "checkpoints"
-    if case == "end":
-        assert (ckpts / "latest").read_text() == "step00000004"
-    elif case == "nan":
+    if case == "nan":
         assert "2 consecutive steps with NaN/inf loss" in out
     elif case == "term":
         assert (ckpts / "latest").read_text().startswith("step")
@@ -87,7 +85,7 @@ def test_plain_deepspeed_launcher_exits_with_the_stage_code(busy_cpu, data, tmp_
 
 
 @pytest.mark.parametrize("repeat", range(REPEATS))
-@pytest.mark.parametrize("case", ["nan", "term", "input"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_zerollm_launch_exits_with_the_stage_code(busy_cpu, data, tmp_path, case, repeat):
     cfg = case_config(tmp_path, data, case)
     run_dir = tmp_path / case
