@@ -121,6 +121,16 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def check_distinct_pad(tok, where: str, why: str) -> None:
+    """Padding must be a token of its own (post-training masks and reward reads tell padding
+    from end-of-text by id); one line naming `where` and `why` otherwise."""
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise ZeroLLMError(
+            f"{where}: the tokenizer's pad token must exist and differ from eos ({tok.eos_token!r}), {why}; "
+            "set a distinct pad_token in tokenizer_config.json"
+        )
+
+
 def tokenizer_hash(path: str | Path) -> str:
     """Stable hash of tokenizer.json's content (sha256 hex, first 16 chars)."""
     f = Path(path) / "tokenizer.json"

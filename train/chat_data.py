@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.tokenizer import check_distinct_pad
 from train.errors import ZeroLLMError
 from train.losses import IGNORE_INDEX
 
@@ -160,11 +161,7 @@ def load_chat_tokenizer(path: str | Path):
 def check_chat_tokenizer(tok, where: str) -> None:
     if not getattr(tok, "chat_template", None):
         raise ZeroLLMError(f"{where}: the tokenizer has no chat_template (tokenizer_config.json)")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        raise ZeroLLMError(
-            f"{where}: the tokenizer's pad token must exist and differ from eos ({tok.eos_token!r}), "
-            "or padding and end of text cannot be told apart in the loss mask"
-        )
+    check_distinct_pad(tok, where, "or padding and end of text cannot be told apart in the loss mask")
 
 
 def end_of_turn_id(tok) -> int:

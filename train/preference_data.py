@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.tokenizer import check_distinct_pad
 from train.errors import ZeroLLMError
 
 log = logging.getLogger("zerollm")
@@ -162,11 +163,7 @@ def _last_content(messages: list[Any]) -> str:
 
 def check_tokenizer(tok, where: str) -> None:
     """The reward is read at the appended eos: padding must be a different token."""
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        raise ZeroLLMError(
-            f"{where}: the tokenizer's pad token {tok.pad_token!r} is missing or equals its eos token "
-            f"{tok.eos_token!r}; give it a distinct pad_token (tokenizer_config.json)"
-        )
+    check_distinct_pad(tok, where, "or the reward would be read at padding instead of the appended eos")
 
 
 def encode_prompt(tok, prompt: Any) -> list[int]:
