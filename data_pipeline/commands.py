@@ -1,10 +1,11 @@
-"""`zerollm` data subcommands: tokenizer train, preprocess, merge-datasets, demo-corpus.
+"""`zerollm` data subcommands: tokenizer train, preprocess, merge-datasets, demo-corpus, demo-tasks.
 
     zerollm demo-corpus D
     zerollm tokenizer train D/stdlib.jsonl --vocab-size 4096 --out D/tokenizer
     zerollm preprocess D/stdlib.jsonl --tokenizer D/tokenizer --out-prefix D/stdlib \\
         --valid-fraction 0.02          # -> D/stdlib_train.{bin,idx}, D/stdlib_valid.{bin,idx}
     zerollm merge-datasets OUT PREFIX [PREFIX ...]
+    zerollm demo-tasks D/stdlib.jsonl --out D/tasks   # post-training tasks (function bodies)
 
 Only the standard library and train.errors are imported here; each handler imports the
 stage module it runs (keeps --help fast).
@@ -83,6 +84,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     dc.add_argument("out_dir")
     dc.add_argument("--max-mb", type=float, default=None, help="stop after ~this many MB")
     dc.set_defaults(func=run_demo_corpus)
+
+    dt = sub.add_parser(
+        "demo-tasks",
+        help="post-training task files from the demo corpus: write a stdlib function's body (checkable)",
+        description="SFT, preference and prompt files (train/valid) from a demo-corpus jsonl; "
+        "see data_pipeline/function_tasks.py for the task and its check",
+    )
+    dt.add_argument("corpus", help="the demo corpus jsonl (zerollm demo-corpus DIR)")
+    dt.add_argument("--out", required=True, help="output directory")
+    dt.add_argument("--seed", type=int, default=0, help="shuffle and rejected-answer seed")
+    dt.set_defaults(func=run_demo_tasks)
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -169,4 +181,12 @@ def run_demo_corpus(args: argparse.Namespace) -> int:
 
     path, n, nbytes = write_demo_corpus(args.out_dir, args.max_mb)
     log.info("demo corpus: %s (%d documents, %.1f MB)", path, n, nbytes / 1e6)
+    return 0
+
+
+def run_demo_tasks(args: argparse.Namespace) -> int:
+    from data_pipeline.function_tasks import build_tasks
+
+    counts = build_tasks(args.corpus, args.out, args.seed)
+    log.info("demo tasks: %s (%s)", args.out, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -1,0 +1,88 @@
+"""The checkable post-training task (data_pipeline/function_tasks.py): its check and its files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipeline.function_tasks import build_tasks, functions_of, reward, success
+from train.errors import ZeroLLMError
+
+PROMPT = 'def area(w, h):\n    """The area of a w x h rectangle."""\n'
+
+MODULE = '''
+def area(w, h):
+    """The area of a w x h rectangle."""
+    return w * h
+
+
+class Box:
+    def volume(self, depth):
+        """Volume of the box."""
+        d = depth or 1
+        return self.w * self.h * d
+
+    def todo(self):
+        """Not written yet."""
+        raise NotImplementedError
+
+    def constant(self):
+        """Reads no parameter."""
+        return 42
+'''
+
+
+@pytest.mark.parametrize(
+    ("completion", "ok"),
+    [
+        ("    return w * h\n", 1.0),
+        ("    return w * h\n<|im_end|", 1.0),  # the text after the last complete line is not code
+        ("    return w *\n", 0.0),  # does not parse
+        ("    pass\n", 0.0),
+        ("    return None\n", 0.0),
+        ("    raise NotImplementedError\n", 0.0),
+        ('    """Again."""\n', 0.0),
+        ("    return 0\n", 0.0),  # reads no parameter: one fixed answer must not win everywhere
+        ("    return w * h\nprint(1)\n", 0.0),  # code after the function is not a body
+        ("", 0.0),
+    ],
+)
+def test_success_accepts_only_a_real_body_that_reads_a_parameter(completion, ok):
+    assert success(PROMPT, completion) == ok
+
+
+def test_reward_is_success_per_row():
+    assert reward([PROMPT, PROMPT], ["    return h * w\n", "    pass\n"]) == [1.0, 0.0]
+
+
+def test_only_short_documented_useful_functions_become_tasks():
+    found = dict(functions_of(MODULE))
+    assert list(found) == [PROMPT, 'def volume(self, depth):\n    """Volume of the box."""\n']
+    assert found[PROMPT] == "    return w * h\n"
+    assert found['def volume(self, depth):\n    """Volume of the box."""\n'] == (
+        "    d = depth or 1\n    return self.w * self.h * d\n"
+    )
+
+
+def test_task_files_hold_every_function_and_rejected_answers_fail_the_check(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    # Enough distinct modules that both the train and the held-out split get some.
+    docs = [MODULE.replace("area", f"area{i}").replace("volume", f"volume{i}") for i in range(60)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    counts = build_tasks(corpus, tmp_path / "tasks")
+    assert counts["sft_train"] + counts["sft_valid"] == 120 and counts["sft_valid"] > 0
+    for part in ("train", "valid"):
+        prefs = [json.loads(line) for line in (tmp_path / "tasks" / f"prefs_{part}.jsonl").open()]
+        assert prefs and all(success(p["prompt"], p["chosen"]) == 1.0 for p in prefs)
+        assert all(success(p["prompt"], p["rejected"]) == 0.0 for p in prefs)
+        prompts = [json.loads(line)["prompt"] for line in (tmp_path / "tasks" / f"prompts_{part}.jsonl").open()]
+        assert prompts == [p["prompt"] for p in prefs]
+
+
+def test_a_bad_corpus_line_is_one_error_naming_the_file_and_line(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": MODULE}) + "\n" + '{"txt": 1}\n')
+    with pytest.raises(ZeroLLMError, match=r"c\.jsonl: line 2: .*'text'"):
+        build_tasks(corpus, tmp_path / "tasks")
+    assert not (tmp_path / "tasks").exists()
