@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the whole path on this machine, no download: the Python standard library's
-# own sources -> BPE tokenizer -> .bin/.idx -> 2-rank pretraining -> Hugging Face export.
+# own sources -> BPE tokenizer -> .bin/.idx -> 2-rank pretraining -> Hugging Face export
+# -> post-training on a checkable task (write a stdlib function's body, from the same
+# sources): SFT -> reward model; then a table of what each stage changed.
 # Re-running resumes (or skips) finished steps. DeepSpeed's own output goes to runs/demo/logs/;
 # VERBOSE=1 shows it here too.
 set -euo pipefail
@@ -30,4 +32,23 @@ ids = tok("def main(", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=50, pad_token_id=tok.pad_token_id)
 print("sample from the exported model (transformers):", repr(tok.decode(out[0])))
 PY
-echo "demo done: runs/demo (metrics.jsonl, loss.png, checkpoints/, hf/)"
+[ -f runs/demo/tasks/prompts_valid.jsonl ] || "$BIN/zerollm" demo-tasks "$DATA/stdlib.jsonl" --out runs/demo/tasks
+"$BIN/zerollm" sft --config configs/demo_sft.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
+"$BIN/zerollm" reward --config configs/demo_reward.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
+"$BIN/python" - <<'PY'
+import json
+def evals(run, key):
+    rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    got = [(r["step"], r[key]) for r in rows if key in r]
+    return got[0], got[-1]
+print("demo: what each stage changed (held-out data; runs/*/metrics.jsonl)")
+print(f"{'stage':<10} {'metric':<34} {'before':>14} {'after':>14}")
+for stage, run, key, what in [
+    ("pretrain", "runs/demo", "eval_loss", "eval loss (stdlib, per token)"),
+    ("sft", "runs/demo_sft", "eval_loss", "held-out loss per answer token"),
+    ("reward", "runs/demo_reward", "eval_accuracy", "held-out preference accuracy"),
+]:
+    (s0, v0), (s1, v1) = evals(run, key)
+    print(f"{stage:<10} {what:<34} {f'{v0:.3f} @{s0}':>14} {f'{v1:.3f} @{s1}':>14}")
+PY
+echo "demo done: runs/demo (pretraining: metrics.jsonl, loss.png, checkpoints/, hf/), runs/demo_sft (samples.txt), runs/demo_reward (reward_stats.json)"

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 100  # steps between evaluations (0 = never)
     eval_steps: int = 10  # micro batches per evaluation
+    eval_at_start: bool = False  # also evaluate before the first step of a fresh run (the "before" row)
     save_interval: int = 200  # steps between checkpoints (0 = only at the end)
     keep_last: int = 3  # checkpoints kept on disk
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops

@@ -10,7 +10,8 @@ update is d(sum of unit losses) / (global count of valid units), whatever the mi
 batch x accumulation x world split; the NaN guard (a non-finite loss anywhere skips
 the update on every rank; train.max_bad_steps in a row: EXIT_BAD_LOSS, the last good
 checkpoint kept); `engine.step()`; the metrics row; eval when due; checkpoint when due
-(never right after a skipped step).
+(never right after a skipped step). With train.eval_at_start, a fresh run evaluates once
+before its first step (step 0 in metrics.jsonl).
 
 A "unit" is what the stage's loss is a sum over: tokens for pretraining and SFT,
 pairs for a reward model. The loop knows nothing else about the stage.
@@ -62,6 +63,8 @@ def train(engine, stage: Stage, cfg: RunConfig, ckpt, state: dict[str, Any], sto
     plain_optimizer = engine.zero_optimization_stage() == 0 and t.precision == "fp32"
     rank_log = RankLog(cfg.logging.run_dir, rank, engine.module)
     bad_in_row = 0
+    if stage.evaluate is not None and t.eval_at_start and state["step"] == 0:
+        metrics.log(0, stage.evaluate())  # the model as it came in: the "before" of a fine-tuning run
     while state["step"] < t.max_steps:
         step = state["step"]
         t0 = time.time()

@@ -54,7 +54,7 @@ def start(cfg):
     return engine, ckpt, metrics
 
 
-def toy_stage(engine, cfg, nan_steps=(), stop=None, stop_at=None, samples=None):
+def toy_stage(engine, cfg, nan_steps=(), stop=None, stop_at=None, samples=None, evaluate=None):
     """Sample i is a fixed random row; a step takes the next mb x gas of them."""
     from train.loop import Stage
     from train.pretrain import token_loss
@@ -83,15 +83,16 @@ def toy_stage(engine, cfg, nan_steps=(), stop=None, stop_at=None, samples=None):
         count=lambda b: b[:, 1:].numel(),
         loss=loss,
         samples_per_step=t.micro_batch_size * t.grad_accum_steps,
+        evaluate=evaluate,
     )
 
 
-def run_loop(cfg, **stage_kw):
+def run_loop(cfg, state=None, **stage_kw):
     from train.loop import train
 
     engine, ckpt, metrics = start(cfg)
     stop = stage_kw.pop("stop", Stop())
-    state = {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
+    state = state or {"step": 0, "consumed_samples": 0, "skipped_steps": 0}
     try:
         code = train(engine, toy_stage(engine, cfg, stop=stop, **stage_kw), cfg, ckpt, state, stop, metrics)
     finally:
@@ -160,6 +161,16 @@ def test_checkpoints_when_due_and_at_the_last_step(tmp_path):
     assert ckpt.complete_tags() == ["step00000002", "step00000004", "step00000005"]
     saves = [r["step"] for r in rows(cfg) if "ckpt_save_s" in r]
     assert saves == [2, 4, 5]
+
+
+def test_eval_at_start_evaluates_a_fresh_run_before_its_first_step_only(tmp_path):
+    cfg = make_cfg(tmp_path, max_steps=4, eval_interval=2, eval_at_start=True)
+    run_loop(cfg, evaluate=lambda: {"eval_marker": 1.0})
+    assert [r["step"] for r in rows(cfg) if "eval_marker" in r] == [0, 2, 4]
+    resumed = {"step": 2, "consumed_samples": 0, "skipped_steps": 0}  # a resume has its "before" already
+    run_loop(make_cfg(tmp_path / "again", max_steps=4, eval_interval=2, eval_at_start=True), resumed,
+             evaluate=lambda: {"eval_marker": 1.0})  # fmt: skip
+    assert [r["step"] for r in rows(make_cfg(tmp_path / "again")) if "eval_marker" in r] == [4]
 
 
 def test_micro_batch_and_accumulation_splits_give_the_same_update(tmp_path):
