@@ -46,15 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Friendly shorthands: `zerollm pretrain ARGS` is `zerollm launch pretrain ARGS`.
+# Friendly shorthands: `zerollm pretrain ARGS` is `zerollm launch pretrain ARGS`; a stage's
+# tools (`zerollm reward score ...`) are subcommands of their own, not launches.
 ALIASES = {stage: ["launch", stage] for stage in ("pretrain", "sft", "reward")}
+STAGE_TOOLS = {("reward", "score")}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if first is not None and argv[first] in ALIASES and "-h" not in argv and "--help" not in argv:
+    tool = tuple(argv[first : first + 2]) in STAGE_TOOLS if first is not None else False
+    if first is not None and argv[first] in ALIASES and not tool and "-h" not in argv and "--help" not in argv:
         argv = argv[:first] + ALIASES[argv[first]] + argv[first + 1 :]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()

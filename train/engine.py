@@ -246,6 +246,9 @@ class InitialWeights:
     one of our parameters (full tensor, source dtype); `shape(name)` its shape, cheaply for
     HF dirs. `every_rank`: each rank can read any tensor alone (safetensors); otherwise
     only rank 0 reads (a consolidated checkpoint) and parameters are broadcast.
+    `has_head`: the source is a reward model (a reward run, or its export with a
+    `score.weight`): `read` gives its trunk by LM names and `read("head.weight")` its
+    (1, d_model) scalar head (a PPO critic starts from both).
     """
 
     path: Path
@@ -255,6 +258,7 @@ class InitialWeights:
     read: Callable[[str], torch.Tensor]
     shape: Callable[[str], tuple[int, ...]]
     every_rank: bool
+    has_head: bool = False
 
     def describe(self) -> str:
         """One line: which settings came from the source and which the caller overrode."""
@@ -315,21 +319,28 @@ def _hf_source(path: Path, overrides: dict[str, Any]) -> InitialWeights:
         keys, fn = recipe[name]  # the recipe run on meta tensors: shapes without reading
         return tuple(fn(*(torch.empty(tensors.shape(k), device="meta") for k in keys)).shape)
 
-    return InitialWeights(path, "hf", cfg, _overridden(base, cfg, overrides), read, shape, every_rank=True)
+    over = _overridden(base, cfg, overrides)
+    return InitialWeights(path, "hf", cfg, over, read, shape, every_rank=True, has_head="head.weight" in recipe)
 
 
 def _run_source(path: Path, overrides: dict[str, Any], tag: str | None, engine: str | None) -> InitialWeights:
     from train.checkpoint import checkpoint_folder, consolidated_state_dict
-    from train.config import load_run_config
+    from train.config import build_section, model_preset, read_yaml
 
-    base = load_run_config(path / "config.yaml").model
+    # Only the model section: the run may be of any stage (its own `sft:` / `reward:` sections).
+    raw = read_yaml(path / "config.yaml")
+    model = dict(raw.get("model") or {})
+    if "preset" in model:  # a snapshot has none; a hand-made config.yaml may
+        model = {**model_preset(str(model.pop("preset"))), **model}
+    base = build_section(ModelConfig, model, f"{path / 'config.yaml'}: model", "model")
     cfg = dataclasses.replace(base, **overrides)
     folder = checkpoint_folder(path, tag)
     loaded: dict[str, torch.Tensor] = {}
 
     def state() -> dict[str, torch.Tensor]:
         if not loaded:  # consolidated on first use, by the ranks that read
-            loaded.update(consolidated_state_dict(folder, engine))
+            sd = consolidated_state_dict(folder, engine)
+            loaded.update({k.removeprefix("lm."): v for k, v in sd.items()})  # a reward model's trunk
         return loaded
 
     def read(name: str) -> torch.Tensor:
@@ -340,9 +351,9 @@ def _run_source(path: Path, overrides: dict[str, Any], tag: str | None, engine: 
             raise ZeroLLMError(f"{folder}: checkpoint has no {name!r} (is it a run of this model family?)")
         return sd[name]
 
-    return InitialWeights(
-        folder, "run", cfg, _overridden(base, cfg, overrides), read, lambda n: tuple(read(n).shape), every_rank=False
-    )
+    over, shape = _overridden(base, cfg, overrides), lambda n: tuple(read(n).shape)
+    reward = "reward" in raw  # a reward run (train/reward.py) saved lm.* and head.weight
+    return InitialWeights(folder, "run", cfg, over, read, shape, every_rank=False, has_head=reward)
 
 
 def _as_source(init_from: InitialWeights | str | Path) -> InitialWeights:

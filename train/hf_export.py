@@ -1,6 +1,7 @@
 """Hugging Face export and import: ours <-> `GPT2LMHeadModel` / `LlamaForCausalLM`.
 
     export_hf(model, cfg, "out/hf", tokenizer_dir="tok/")   # then AutoModelForCausalLM.from_pretrained("out/hf")
+    export_hf(reward_model, cfg, "out/rm", "tok/")          # AutoModelForSequenceClassification (num_labels=1)
     model, cfg = import_hf("some/hf_dir")                     # or import_hf(hf_model)
     recipe = hf_weight_recipe(cfg, HFTensors(dir).keys())   # one parameter at a time (ZeRO-3 loading)
 
@@ -14,6 +15,11 @@ refused. The weights are renamed, never changed, so logits match to float roundi
   uses HF's rotate_half layout, so q/k need no permutation.
 - Padded vocabulary rows are dropped on export and zero-filled on import (they never reach the
   logits either way). A tied head is written once, as HF does.
+- A reward model (train/reward.py: the trunk under `lm.`, a bias-free `head`) becomes
+  GPT2ForSequenceClassification / LlamaForSequenceClassification: the trunk as above, no LM
+  head, `head.weight` as `score.weight`. HF reads the score at the last token that is not
+  `pad_token_id`; the tokenizer's pad differs from eos, so that is the appended eos, where
+  ours reads it. Import reads `score.weight` back as `head.weight`.
 """
 
 from __future__ import annotations
@@ -51,13 +57,17 @@ def hf_style(cfg: ModelConfig) -> str:
     )
 
 
-def hf_config(cfg: ModelConfig, **token_ids: Any):
-    """The transformers config of the same architecture (GPT2Config or LlamaConfig)."""
+def hf_config(cfg: ModelConfig, reward: bool = False, **token_ids: Any):
+    """The transformers config of the same architecture (GPT2Config or LlamaConfig); `reward`:
+    of its ForSequenceClassification class with one label (a scalar score)."""
     # heavy: transformers, kept local (only export and its checks need it)
     from transformers import GPT2Config, LlamaConfig
 
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+    if reward:
+        common["num_labels"] = 1
     token_ids = {"bos_token_id": None, "eos_token_id": None, **token_ids}  # not HF's defaults (50256; 1, 2)
+    head = "ForSequenceClassification" if reward else None
     if hf_style(cfg) == "gpt2":
         return GPT2Config(
             n_positions=cfg.max_seq_len,
@@ -70,7 +80,7 @@ def hf_config(cfg: ModelConfig, **token_ids: Any):
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,
-            architectures=["GPT2LMHeadModel"],
+            architectures=[f"GPT2{head or 'LMHeadModel'}"],
             **common,
             **token_ids,
         )
@@ -88,7 +98,7 @@ def hf_config(cfg: ModelConfig, **token_ids: Any):
         attention_bias=cfg.bias,
         mlp_bias=cfg.bias,
         attention_dropout=cfg.dropout,
-        architectures=["LlamaForCausalLM"],
+        architectures=[f"Llama{head or 'ForCausalLM'}"],
         **common,
         **token_ids,
     )
@@ -151,9 +161,19 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def is_reward_state(sd: dict[str, Any]) -> bool:
+    """A reward model's state dict (train/reward.py): the trunk under `lm.`, a scalar `head`."""
+    return "head.weight" in _strip(sd)
+
+
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF names and layouts (fresh contiguous CPU tensors, no shared storage)."""
+    """Our state dict -> HF names and layouts (fresh contiguous CPU tensors, no shared storage).
+
+    A reward model's gives the ForSequenceClassification names: no lm_head, `score.weight`."""
     sd, V = _strip(sd), cfg.vocab_size
+    reward = is_reward_state(sd)
+    if reward:
+        sd = {k.removeprefix("lm."): v for k, v in sd.items()}
     out: dict[str, torch.Tensor] = {}
     if hf_style(cfg) == "gpt2":
         out["transformer.wte.weight"] = sd["wte.weight"][:V]
@@ -188,7 +208,9 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
                 out[f"{h}mlp.up_proj.{kind}"] = sd[f"{o}mlp.c_up.{kind}"]
                 out[f"{h}mlp.down_proj.{kind}"] = sd[f"{o}mlp.c_proj.{kind}"]
         out["model.norm.weight"] = sd["ln_f.weight"]
-    if not cfg.tie_embeddings:
+    if reward:
+        out["score.weight"] = sd["head.weight"]  # (1, d): Linear(d, 1, bias=False) in both
+    elif not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"][:V]
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
@@ -202,13 +224,14 @@ def hf_weight_recipe(cfg: ModelConfig, hf_keys: Iterable[str]) -> Recipe:
     `hf_keys` are the names present in the HF weights (a "module." prefix, or GPT-2 names
     without "transformer.", are accepted). A loader reads only the tensors one entry names, so a
     parameter can be built alone (ZeRO-3 fills partitions this way). KeyError names a missing
-    tensor. A tied head maps to the same recipe as `wte.weight`.
+    tensor. A tied head maps to the same recipe as `wte.weight`. A sequence-classification
+    dir's `score.weight` (an exported reward model) is read as `head.weight`.
     """
     gpt2 = hf_style(cfg) == "gpt2"
     actual: dict[str, str] = {}  # canonical HF name -> name in the file
     for key in hf_keys:
         canon = key.removeprefix("module.")
-        if gpt2 and not canon.startswith(("transformer.", "lm_head.")):
+        if gpt2 and not canon.startswith(("transformer.", "lm_head.", "score.")):
             canon = "transformer." + canon
         actual[canon] = key
     pad = cfg.padded_vocab_size - cfg.vocab_size
@@ -263,12 +286,16 @@ def hf_weight_recipe(cfg: ModelConfig, hf_keys: Iterable[str]) -> Recipe:
         out["lm_head.weight"] = out["wte.weight"]
     else:
         out["lm_head.weight"] = take(rows, "lm_head.weight" if "lm_head.weight" in actual else embed)
+    if "score.weight" in actual:
+        out["head.weight"] = take(same, "score.weight")
     return out
 
 
 def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF GPT-2 / Llama weights -> our state dict (vocab rows zero-padded to padded_vocab_size)."""
-    out = {name: fn(*(hf_sd[k] for k in keys)) for name, (keys, fn) in hf_weight_recipe(cfg, hf_sd).items()}
+    recipe = hf_weight_recipe(cfg, hf_sd)
+    recipe.pop("head.weight", None)  # a reward dir's score head is no LM parameter
+    out = {name: fn(*(hf_sd[k] for k in keys)) for name, (keys, fn) in recipe.items()}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["wte.weight"]  # one tensor, as in the model
     return out
@@ -290,20 +317,30 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def export_hf(
-    model: CustomLanguageModel, cfg: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None
+    model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None
 ) -> Path:
-    """Write `model` as an HF model dir: model.safetensors + config.json (+ tokenizer files).
+    """Write `model` (a CustomLanguageModel, or a reward model: the sequence-classification
+    class) as an HF model dir: model.safetensors + config.json (+ tokenizer files).
 
-    The weights keep the model's dtype. Returns out_dir.
+    The weights keep the model's dtype. A reward model needs its tokenizer (HF finds the
+    scored token by `pad_token_id`). Returns out_dir.
     """
     module = getattr(model, "_orig_mod", model)
     hf_style(cfg)  # refuse a mixed style before writing anything
     tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if tok_dir is not None and not tok_dir.is_dir():
         raise ZeroLLMError(f"{tok_dir}: tokenizer directory not found")
-    tensors = state_dict_to_hf(module.state_dict(), cfg)
+    sd = module.state_dict()
+    reward = is_reward_state(sd)
+    token_ids = _token_ids(tok_dir) if tok_dir is not None else {}
+    if reward and token_ids.get("pad_token_id") in (None, token_ids.get("eos_token_id")):
+        raise ZeroLLMError(
+            f"{tok_dir or 'no tokenizer given'}: a reward model's export needs its tokenizer with a pad token "
+            "other than eos (Hugging Face reads the score at the last non-pad token, the appended eos)"
+        )
+    tensors = state_dict_to_hf(sd, cfg)
     dtype = next(iter(tensors.values())).dtype
-    cfg_hf = hf_config(cfg, **(_token_ids(tok_dir) if tok_dir is not None else {}))
+    cfg_hf = hf_config(cfg, reward, **token_ids)
     cfg_hf.dtype = dtype  # from_pretrained loads in this dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,16 @@ A pair longer than `max_len` loses prompt tokens from the left (the responses, w
 chosen and rejected differ, are kept whole); a pair whose responses alone do not fit is
 counted as `too_long`. Every row is either kept or counted under a reason; a file with no
 usable row stops with one line naming it.
+
+Rows to score (`zerollm reward score`) are built the same way, one sequence per response:
+
+    {"prompt": "2+3=", "response": "5"}     {"prompt": [msgs], "response": "5"}
+    {"messages": [..., {"role": "assistant", "content": "5"}]}      # the last turn is scored
+    {"text": "a whole sequence"}                                     # its ids + eos
+    any preference row above                                         # chosen and rejected both
+
+There a bad row is an error (every row must get its score): one line naming the file,
+the row (1-based) and the field.
 """
 
 from __future__ import annotations
@@ -182,28 +192,35 @@ def encode_response(tok, response: str, chat: bool) -> list[int]:
     return ids
 
 
+def encode_sequences(tok, prompt: Any, responses: list[str], max_len: int) -> tuple[list[list[int]], bool]:
+    """prompt ids + each response's ids + eos, the prompt cut from the left so the longest fits
+    `max_len`; (sequences, whether the prompt was cut). BadRow("too_long") when the longest
+    response leaves no room for one prompt token. `prompt` None: the responses alone."""
+    chat = isinstance(prompt, list)
+    p = encode_prompt(tok, prompt) if prompt is not None else []
+    ids = [encode_response(tok, r, chat) for r in responses]
+    room = max_len - 1 - max(len(x) for x in ids)  # prompt tokens that fit beside the longest response + eos
+    if room < (1 if prompt is not None else 0):
+        raise BadRow("too_long")
+    cut = len(p) > room
+    if cut:
+        p = p[len(p) - room :]  # keep the end of the prompt, next to the responses
+    return [p + x + [tok.eos_token_id] for x in ids], cut
+
+
 def build_pairs(records: list[dict[str, Any]], tok, max_len: int, where: str) -> PairSet:
     """Rows -> token-exact pairs; each row kept or counted by reason. No usable row: one line."""
     out = PairSet([], len(records))
-    eos = tok.eos_token_id
     for row in records:
         try:
             prompt, chosen, rejected = row_parts(row)
+            (c, r), cut = encode_sequences(tok, prompt, [chosen, rejected], max_len)
         except BadRow as e:
             out.dropped[e.args[0]] += 1
             continue
-        chat = isinstance(prompt, list)
-        p = encode_prompt(tok, prompt)
-        c, r = encode_response(tok, chosen, chat), encode_response(tok, rejected, chat)
-        room = max_len - 1 - max(len(c), len(r))  # prompt tokens that fit beside the longer response + eos
-        if room < 1:
-            out.dropped["too_long"] += 1
-            continue
-        if len(p) > room:
-            p = p[len(p) - room :]  # keep the end of the prompt, next to the responses
-            out.truncated += 1
+        out.truncated += cut
         margin = row.get("margin")
-        out.pairs.append(Pair(p + c + [eos], p + r + [eos], None if margin is None else float(margin)))
+        out.pairs.append(Pair(c, r, None if margin is None else float(margin)))
     if not out.pairs:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(out.dropped.items())) or "no rows"
         raise ZeroLLMError(f"{where}: no usable preference pair in {out.rows} rows ({reasons})")
@@ -213,10 +230,8 @@ def build_pairs(records: list[dict[str, Any]], tok, max_len: int, where: str) ->
 # ----------------------------------------------------------------------------- batches
 
 
-def collate(pairs: list[Pair], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """B pairs -> input_ids / attention_mask (2B, T): the B chosen rows, then the B rejected
-    rows; margin (B,) (zeros when no pair has one)."""
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+def pad(rows: list[list[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """N id lists -> input_ids, attention_mask, both (N, longest)."""
     T = max(len(x) for x in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -224,5 +239,81 @@ def collate(pairs: list[Pair], pad_id: int, padding_side: str = "right") -> dict
         sl = slice(0, len(x)) if padding_side == "right" else slice(T - len(x), T)
         ids[i, sl] = torch.tensor(x, dtype=torch.long)
         mask[i, sl] = 1
+    return ids, mask
+
+
+def collate(pairs: list[Pair], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """B pairs -> input_ids / attention_mask (2B, T): the B chosen rows, then the B rejected
+    rows; margin (B,) (zeros when no pair has one)."""
+    ids, mask = pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, padding_side)
     margin = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
     return {"input_ids": ids, "attention_mask": mask, "margin": margin}
+
+
+# ----------------------------------------------------------------------------- rows to score
+
+
+def score_parts(row: dict[str, Any]) -> tuple[Any, list[str], str]:
+    """(prompt or None, responses, the field they come from) of a row to score: one
+    response, or a preference row's chosen and rejected (in that order)."""
+    if row.get("chosen") is not None or row.get("rejected") is not None:
+        prompt, chosen, rejected = row_parts(row)
+        return prompt, [chosen, rejected], "chosen/rejected"
+    if row.get("messages") is not None:
+        msgs = _text(row, "messages")
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise BadRow("bad_messages")
+        return _as_messages(msgs[:-1]), [_last_content(msgs)], "messages"
+    if row.get("text") is not None:
+        text = _text(row, "text")
+        if not isinstance(text, str):
+            raise BadRow("bad_type_text")
+        return None, [text], "text"
+    if row.get("prompt") is None and row.get("response") is None:
+        raise BadRow("no_fields")
+    prompt, response = _text(row, "prompt"), _text(row, "response")
+    if isinstance(response, list):  # the assistant turn as messages
+        return _as_messages(prompt), [_last_content(response)], "response"
+    return prompt, [response], "response"
+
+
+# What a BadRow reason says about a row, for a user: (field, what is wrong).
+_SAYS = {
+    "identical": ("chosen/rejected", "the two responses are the same"),
+    "prompts_differ": ("chosen/rejected", "the two dialogues differ before their last Assistant turn"),
+    "no_assistant_turn": ("chosen/rejected", 'no "\\n\\nAssistant:" turn to split the prompt from the response at'),
+    "mixed_types": ("chosen/rejected", "one is a string, the other a list of messages"),
+    "bad_message": ("messages", "the last message has no string 'content'"),
+    "bad_messages": ("messages", "expected a list of at least 2 messages (a prompt and the turn to score)"),
+    "empty_response": ("response", "the scored response is empty"),
+    "no_fields": ("prompt", "expected prompt+response, text, messages or prompt+chosen+rejected"),
+}
+
+
+def explain(reason: str) -> str:
+    """'FIELD: what is wrong' for a BadRow reason."""
+    for kind, what in (("missing_", "missing"), ("empty_", "empty"), ("bad_type_", "not a string or message list")):
+        if reason.startswith(kind):
+            return f"{reason.removeprefix(kind)}: {what}"
+    field, what = _SAYS.get(reason, ("row", reason))
+    return f"{field}: {what}"
+
+
+def score_sequences(records: list[dict[str, Any]], tok, max_len: int, where: str) -> list[list[list[int]]]:
+    """Rows to score -> per row its token-exact sequences (one, or chosen and rejected), as
+    training builds them. The first bad row stops with one line: file, row, field."""
+    out = []
+    for n, row in enumerate(records, start=1):
+        try:
+            prompt, responses, field = score_parts(row)
+        except BadRow as e:
+            raise ZeroLLMError(f"{where}: row {n}: {explain(e.args[0])}") from None
+        try:
+            seqs, _ = encode_sequences(tok, prompt, responses, max_len)
+        except BadRow:
+            raise ZeroLLMError(
+                f"{where}: row {n}: {field}: longer than max_len {max_len} tokens with eos even with the prompt "
+                "cut from the left; raise --max-len (up to the model's max_seq_len)"
+            ) from None
+        out.append(seqs)
+    return out

@@ -5,8 +5,10 @@ One node (2 CPU ranks or N GPUs):
         --config configs/reward_tiny.yaml --deepspeed_config ds_configs/zero2.json
     zerollm launch reward --config RUN.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2
 
-The score of a sequence is a Linear(d_model -> 1) head on the final hidden state of its
-last real token, the end-of-text token appended to every sequence (any padding side).
+The score of a sequence is a bias-free Linear(d_model -> 1) head (as HF's `score` layer;
+the loss only sees score differences, so a bias would never get a gradient) on the final
+hidden state of its last real token, the end-of-text token appended to every sequence (any
+padding side).
 The loss of a pair is -log sigmoid(r_chosen - r_rejected - margin) (Bradley & Terry 1952;
 the margin term as in Llama 2, Touvron et al. 2023, eq. 2; 0 without a `margin` column),
 summed over pairs; the shared loop divides by the global pair count.
@@ -16,8 +18,16 @@ reward mean/std on training pairs are kept in each checkpoint's state (`reward_s
 as of the last evaluation) and in `<run_dir>/reward_stats.json` (the final model), so
 later stages normalise with them; both record the tokenizer's hash.
 
+Afterwards (train/commands.py):
+    zerollm export runs/reward_tiny --out out/rm    # AutoModelForSequenceClassification dir + reward_stats.json
+    zerollm reward score --model out/rm --input rows.jsonl    # one score line per row
+A reward run or its export is also an `init_from` for later stages (the PPO critic):
+`open_initial_weights` reads its trunk by LM names and its head as `head.weight`; they call
+`check_same_tokenizer(policy_tokenizer, reward_dir)` first.
+
 Deviation: the LM head is dropped (only the trunk and the scalar head are trained); the
-scalar head starts from normal(0, init_std) weights with a zero bias.
+scalar head starts from normal(0, init_std) weights, or from the source's head when
+`init_from` is itself a reward model.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +45,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from train import run
-from train.config import RunConfig, check_record_file
-from train.engine import all_reduce_sum, open_initial_weights, zero_stage
+from train.checkpoint import MANIFEST, checkpoint_folder
+from train.config import RunConfig, check_record_file, load_run_config, read_yaml
+from train.engine import all_reduce_sum, construct_model, load_initial_weights, open_initial_weights, zero_stage
 from train.errors import ZeroLLMError
+from train.hf_export import config_from_hf, read_hf_config
 from train.loop import Stage
 from train.losses import bradley_terry_loss, last_token_index
 from train.model import CustomLanguageModel, ModelConfig, padding_causal_mask
-from train.preference_data import Pair, PairSet, build_pairs, check_tokenizer, collate, read_records
+from train.preference_data import Pair, PairSet, build_pairs, check_tokenizer, collate, pad, read_records
 
 log = logging.getLogger("zerollm")
 
@@ -74,9 +88,8 @@ class RewardModel(nn.Module):
         self.cfg = cfg
         self.lm = CustomLanguageModel(cfg)
         self.lm.lm_head = nn.Identity()  # unused: the score comes from `head` (a tied head lives on in wte)
-        self.head = nn.Linear(cfg.d_model, 1)
+        self.head = nn.Linear(cfg.d_model, 1, bias=False)  # as HF's ForSequenceClassification `score`
         nn.init.normal_(self.head.weight, std=cfg.init_std)
-        nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and 0/1 mask -> (B,) fp32 scores."""
@@ -91,17 +104,23 @@ class RewardModel(nn.Module):
             self.lm.num_parameters()
             - (0 if self.cfg.tie_embeddings else self.cfg.padded_vocab_size * self.cfg.d_model)
             + self.cfg.d_model
-            + 1
         )
 
 
 def with_head(source, init_std: float, seed: int):
-    """`source` (train.engine.InitialWeights of an LM) as the weights of a RewardModel:
-    `lm.<name>` reads the LM's `<name>`; the head is normal(0, init_std) (seeded: the same
-    on every rank), its bias 0. Names are what `load_initial_weights` asks for."""
+    """`source` (train.engine.InitialWeights of an LM or of a reward model) as the weights of
+    a RewardModel: `lm.<name>` reads the source's `<name>`; the head is the source's own when
+    it has one, else normal(0, init_std) (seeded: the same on every rank). Names are what
+    `load_initial_weights` asks for."""
+    if source.has_head:
+        return dataclasses.replace(
+            source,
+            read=lambda name: source.read(name.removeprefix("lm.")),
+            shape=lambda name: source.shape(name.removeprefix("lm.")),
+        )
     d = source.config.d_model
     gen = torch.Generator().manual_seed(seed)
-    head = {"head.weight": torch.randn(1, d, generator=gen) * init_std, "head.bias": torch.zeros(1)}
+    head = {"head.weight": torch.randn(1, d, generator=gen) * init_std}
 
     def read(name: str) -> torch.Tensor:
         return head[name] if name in head else source.read(name.removeprefix("lm."))
@@ -273,6 +292,119 @@ def make_stage(engine, cfg: RunConfig, data: Data, state: dict[str, Any]) -> Sta
         evaluate=lambda: evaluate(engine, data, cfg, state, rank, world),
         unit="pairs",
     )
+
+
+# ----------------------------------------------------------------------------- after training
+
+STATS_FILE = "reward_stats.json"
+
+
+def checkpoint_stats(run_dir: str | Path, folder: Path) -> dict[str, Any] | None:
+    """The reward mean/std that go with checkpoint `folder`: `<run_dir>/reward_stats.json`
+    when it is of that step (the final model), else those in the checkpoint's state (its
+    last evaluation); None when it never evaluated."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    f = Path(run_dir) / STATS_FILE
+    stats = json.loads(f.read_text()) if f.is_file() else None
+    if stats is None or stats.get("step") != manifest["step"]:
+        stats = manifest.get("state", {}).get("reward_stats")
+    if stats is not None and stats.get("step") != manifest["step"]:
+        log.warning("%s: reward mean/std are of step %s (the last evaluation before it)", folder, stats.get("step"))
+    return stats
+
+
+def write_export_stats(run_dir: str | Path, folder: Path, out: Path, tok_dir: str, max_len: int) -> None:
+    """`reward_stats.json` of an export: checkpoint `folder`'s stats and the training max_len;
+    refuses a tokenizer other than the one the stats were measured with."""
+    stats = checkpoint_stats(run_dir, folder)
+    if stats is None:
+        log.warning("%s: no reward mean/std (no evaluation yet): `reward score` will give raw scores only", folder)
+        return
+    _check_hash(tok_dir, run_dir, stats.get("tokenizer_hash"))
+    (out / STATS_FILE).write_text(json.dumps({**stats, "max_len": max_len}, indent=1))
+
+
+@dataclass
+class RewardDir:
+    """A trained reward model on disk: its export (HF dir) or its run dir; configs only read."""
+
+    path: Path
+    model: ModelConfig
+    tokenizer: str  # its tokenizer dir
+    stats: dict[str, Any] | None  # reward_stats.json (mean, std, tokenizer_hash); None: never evaluated
+    max_len: int  # tokens per sequence in training (prompt cut from the left to fit)
+    tag: str | None = None  # a run's checkpoint (default: its resume point)
+
+
+def open_reward_dir(path: str | Path, tag: str | None = None) -> RewardDir:
+    """An exported reward dir (config.json of a ForSequenceClassification model) or a reward
+    run dir (config.yaml with a `reward:` section); one line when it is neither."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        hf_cfg = read_hf_config(path)
+        arch = (hf_cfg.architectures or ["?"])[0]
+        if not arch.endswith("ForSequenceClassification"):
+            raise ZeroLLMError(f"{path}: a {arch}, not a reward model (export a reward run with `zerollm export`)")
+        f = path / STATS_FILE
+        stats = json.loads(f.read_text()) if f.is_file() else None
+        model = config_from_hf(hf_cfg)
+        return RewardDir(path, model, str(path), stats, int((stats or {}).get("max_len") or model.max_seq_len))
+    if (path / "config.yaml").is_file():
+        if "reward" not in read_yaml(path / "config.yaml"):
+            raise ZeroLLMError(f"{path / 'config.yaml'}: no reward section: not a reward-model run")
+        cfg = load_run_config(path / "config.yaml", extra_sections=CONFIG_SECTIONS)
+        stats = checkpoint_stats(path, checkpoint_folder(path, tag))
+        return RewardDir(path, cfg.model, tokenizer_dir(cfg), stats, cfg.reward.max_len, tag)
+    raise ZeroLLMError(f"{path}: neither an exported reward model (config.json) nor a reward run (config.yaml)")
+
+
+def load_reward_model(rd: RewardDir) -> RewardModel:
+    """The RewardModel of `rd` (fp32, eval mode, dropout off)."""
+    source = open_initial_weights(rd.path, {"dropout": 0.0}, tag=rd.tag)
+    if not source.has_head:
+        raise ZeroLLMError(f"{rd.path}: the weights hold no reward head")
+    model = construct_model({}, lambda: RewardModel(source.config), skip_init=True)
+    load_initial_weights(model, with_head(source, 0.0, 0))
+    return model.float().eval()
+
+
+def check_same_tokenizer(policy_tokenizer_dir: str | Path, reward_dir: str | Path) -> None:
+    """Refuse, in one line naming both dirs and hashes, a tokenizer other than the one the
+    reward model in `reward_dir` (a reward run or its export) was trained with: its scores
+    of another tokenizer's ids mean nothing. A stage that scores a policy's text calls this."""
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    rd = open_reward_dir(reward_dir)
+    trained_with = (rd.stats or {}).get("tokenizer_hash") or tokenizer_hash(rd.tokenizer)
+    _check_hash(policy_tokenizer_dir, reward_dir, trained_with)
+
+
+def _check_hash(tok_dir: str | Path, reward_dir: str | Path, reward_hash: str | None) -> None:
+    from data_pipeline.tokenizer import tokenizer_hash
+
+    mine = tokenizer_hash(tok_dir)
+    if reward_hash is not None and mine != reward_hash:
+        raise ZeroLLMError(
+            f"tokenizer {tok_dir} (hash {mine}) is not the one reward model {reward_dir} was trained with "
+            f"(hash {reward_hash}); use that tokenizer, or a reward model trained with this one"
+        )
+
+
+@torch.no_grad()
+def score(model: RewardModel, seqs: list[list[int]], pad_id: int, batch_size: int, device: str) -> list[float]:
+    """Scores of id lists, in their order; batched by length (scores do not depend on the
+    padding), a progress bar on stderr."""
+    model.to(device)
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    with tqdm(total=len(seqs), unit="seq", desc="scoring", file=sys.stderr) as bar:
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            ids, mask = pad([seqs[j] for j in idx], pad_id)
+            for j, v in zip(idx, model(ids.to(device), mask.to(device)).tolist()):
+                out[j] = v
+            bar.update(len(idx))
+    return out
 
 
 # ----------------------------------------------------------------------------- main
