@@ -32,6 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -259,13 +260,17 @@ class InitialWeights:
     shape: Callable[[str], tuple[int, ...]]
     every_rank: bool
     has_head: bool = False
+    origin: str = ""  # the source as the start log names it: "runs/x (ZeroLLM run, step 200)"
 
     def describe(self) -> str:
-        """One line: which settings came from the source and which the caller overrode."""
+        """One line for the start log: the source, the model settings taken from it and those
+        the run config overrode, e.g. "model from runs/x (ZeroLLM run, step 200): vocab_size=512
+        ... n_layer=2 ...; overridden by the config: dropout 0.1 -> 0.0"."""
         fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in self.overridden]
-        taken = ", ".join(f"{k}={getattr(self.config, k)!r}" for k in fields)
-        over = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.overridden.items()) or "nothing"
-        return f"model from {self.kind} {self.path}: taken from the source: {taken}; overridden: {over}"
+        taken = " ".join(f"{k}={getattr(self.config, k)}" for k in fields)
+        over = ", ".join(f"{k} {a} -> {b}" if a != b else f"{k} {b} (as the source)"
+                         for k, (a, b) in self.overridden.items())  # fmt: skip
+        return f"model from {self.origin or self.path}: {taken}; overridden by the config: {over or 'nothing'}"
 
 
 def open_initial_weights(
@@ -319,12 +324,14 @@ def _hf_source(path: Path, overrides: dict[str, Any]) -> InitialWeights:
         keys, fn = recipe[name]  # the recipe run on meta tensors: shapes without reading
         return tuple(fn(*(torch.empty(tensors.shape(k), device="meta") for k in keys)).shape)
 
-    over = _overridden(base, cfg, overrides)
-    return InitialWeights(path, "hf", cfg, over, read, shape, every_rank=True, has_head="head.weight" in recipe)
+    over, origin = _overridden(base, cfg, overrides), f"{path} (Hugging Face {hf_cfg.model_type} dir)"
+    return InitialWeights(
+        path, "hf", cfg, over, read, shape, every_rank=True, has_head="head.weight" in recipe, origin=origin
+    )
 
 
 def _run_source(path: Path, overrides: dict[str, Any], tag: str | None, engine: str | None) -> InitialWeights:
-    from train.checkpoint import checkpoint_folder, consolidated_state_dict
+    from train.checkpoint import MANIFEST, checkpoint_folder, consolidated_state_dict
     from train.config import build_section, model_preset, read_yaml
 
     # Only the model section: the run may be of any stage (its own `sft:` / `reward:` sections).
@@ -353,7 +360,8 @@ def _run_source(path: Path, overrides: dict[str, Any], tag: str | None, engine: 
 
     over, shape = _overridden(base, cfg, overrides), lambda n: tuple(read(n).shape)
     reward = "reward" in raw  # a reward run (train/reward.py) saved lm.* and head.weight
-    return InitialWeights(folder, "run", cfg, over, read, shape, every_rank=False, has_head=reward)
+    origin = f"{path} (ZeroLLM run, step {json.loads((folder / MANIFEST).read_text())['step']})"
+    return InitialWeights(folder, "run", cfg, over, read, shape, every_rank=False, has_head=reward, origin=origin)
 
 
 def _as_source(init_from: InitialWeights | str | Path) -> InitialWeights:
