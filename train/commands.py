@@ -20,6 +20,7 @@ STAGE_HELP = {
     "pretrain": "pretrain",
     "sft": "supervised fine-tuning on chat data",
     "reward": "train a reward model on preference pairs",
+    "dpo": "direct preference optimisation of a policy on preference pairs",
 }
 
 

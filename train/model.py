@@ -340,8 +340,13 @@ class CustomLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        logits_where: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, vocab_size) and the cross-entropy loss (None without targets).
+
+        logits_where (B, T) bool: only those positions go through the head, logits (n, vocab_size)
+        in row-major order (post-training scores answer tokens only: the head over the whole
+        vocabulary is most of a small model's cost); targets must then be (n,).
 
         targets (B, T) use IGNORE_INDEX (-100) for tokens without loss. loss_reduction="sum"
         gives the sum over valid targets (the trainer divides by its global count), "mean"
@@ -355,7 +360,9 @@ class CustomLanguageModel(nn.Module):
                 position_ids = doc_position_ids(doc_ids)
             mask = doc_causal_mask(doc_ids)
         x = self.hidden_states(idx, position_ids, mask)  # (B, T, d)
-        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if logits_where is not None:
+            x = x[logits_where]  # (n, d)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size) or (n, padded_vocab_size)
         if self.cfg.padded_vocab_size != self.cfg.vocab_size:
             logits = logits[..., : self.cfg.vocab_size]  # padded rows dropped (a no-op slice still costs a backward)
         if targets is None:

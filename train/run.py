@@ -131,6 +131,16 @@ def build(r: Run, make_model: Callable[[], Any], init_from=None):
     return engine
 
 
+def adopt_model(r: Run, source, ds_path: str) -> None:
+    """A stage that starts from trained weights takes their model shape (`source`:
+    train.engine.InitialWeights): the config's model section, the DeepSpeed buckets sized
+    from the real width, and data.seq_len (pretraining's, unused here) kept within the
+    model so the run's config.yaml snapshot loads again (export, init_from)."""
+    r.cfg.model = source.config
+    r.cfg.data.seq_len = min(r.cfg.data.seq_len, source.config.max_seq_len)
+    r.ds = resolve_ds_config(ds_path, r.cfg, r.world)
+
+
 def seed_rank(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000 * (rank + 1))
     np.random.seed(seed + 1000 * (rank + 1))

@@ -270,3 +270,17 @@ def test_llama_hidden_size_rule():
     assert ModelConfig(d_model=4096, n_head=32, mlp="swiglu").ffn_dim == 11008  # Llama-7B
     assert ModelConfig(d_model=768, mlp="swiglu").ffn_dim == 2048
     assert ModelConfig(d_model=768).ffn_dim == 3072
+
+
+def test_logits_where_gives_the_full_logits_at_those_positions_only():
+    from train.model import CustomLanguageModel, from_name
+
+    torch.manual_seed(0)
+    model = CustomLanguageModel(from_name("tiny", dropout=0.0)).eval()
+    idx = torch.randint(0, 512, (2, 7))
+    where = torch.zeros(2, 7, dtype=torch.bool)
+    where[0, 2], where[1, 5], where[1, 6] = True, True, True
+    full, _ = model(idx)
+    part, _ = model(idx, logits_where=where)
+    assert part.shape == (3, 512)
+    torch.testing.assert_close(part, full[where])
