@@ -2,7 +2,7 @@
 # `make demo`: the whole path on this machine, no download: the Python standard library's
 # own sources -> BPE tokenizer -> .bin/.idx -> 2-rank pretraining -> Hugging Face export
 # -> post-training on a checkable task (write a stdlib function's body, from the same
-# sources): SFT -> reward model; then a table of what each stage changed.
+# sources): SFT -> reward model, and DPO beside it; then a table of what each stage changed.
 # Re-running resumes (or skips) finished steps. DeepSpeed's own output goes to runs/demo/logs/;
 # VERBOSE=1 shows it here too.
 set -euo pipefail
@@ -35,6 +35,7 @@ PY
 [ -f runs/demo/tasks/prompts_valid.jsonl ] || "$BIN/zerollm" demo-tasks "$DATA/stdlib.jsonl" --out runs/demo/tasks
 "$BIN/zerollm" sft --config configs/demo_sft.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
 "$BIN/zerollm" reward --config configs/demo_reward.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
+"$BIN/zerollm" dpo --config configs/demo_dpo.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
 "$BIN/python" - <<'PY'
 import json
 def evals(run, key):
@@ -47,8 +48,10 @@ for stage, run, key, what in [
     ("pretrain", "runs/demo", "eval_loss", "eval loss (stdlib, per token)"),
     ("sft", "runs/demo_sft", "eval_loss", "held-out loss per answer token"),
     ("reward", "runs/demo_reward", "eval_accuracy", "held-out preference accuracy"),
+    ("dpo", "runs/demo_dpo", "eval_accuracy", "held-out preference accuracy"),
+    ("dpo", "runs/demo_dpo", "eval_success", "held-out success (function check)"),
 ]:
     (s0, v0), (s1, v1) = evals(run, key)
     print(f"{stage:<10} {what:<34} {f'{v0:.3f} @{s0}':>14} {f'{v1:.3f} @{s1}':>14}")
 PY
-echo "demo done: runs/demo (pretraining: metrics.jsonl, loss.png, checkpoints/, hf/), runs/demo_sft (samples.txt), runs/demo_reward (reward_stats.json)"
+echo "demo done: runs/demo (pretraining: metrics.jsonl, loss.png, checkpoints/, hf/), runs/demo_sft (samples.txt), runs/demo_reward (reward_stats.json), runs/demo_dpo"

@@ -55,7 +55,7 @@ from launch.env import EnvError, escape, forwarded, parse_env_args, read_user_en
 from train.errors import ZeroLLMError
 
 STAGES = {"pretrain": "train.pretrain", "sft": "train.sft", "reward": "train.reward", "ppo": "train.ppo",
-          "dpo": "train.dpo"}  # fmt: skip
+          "dpo": "train.dpo", "grpo": "train.grpo"}  # fmt: skip
 _SAFE = re.compile(r"^[\w@%+=:,./-]*$")
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-STAGES = ["pretrain", "sft", "reward", "ppo", "dpo"]
+STAGES = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
 
 
 def imports(path: Path) -> set[str]:

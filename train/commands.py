@@ -21,6 +21,7 @@ STAGE_HELP = {
     "sft": "supervised fine-tuning on chat data",
     "reward": "train a reward model on preference pairs",
     "dpo": "direct preference optimisation of a policy on preference pairs",
+    "grpo": "group-relative policy optimisation with a verifiable reward function",
 }
 
 

@@ -10,8 +10,8 @@ of its response tokens under the policy (pi) and the reference (ref):
 -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), or the conservative / IPO variants
 (`dpo.loss`). Optionally + nll_weight x the chosen answer's mean token NLL (RPO, Pang et
 al. 2024): plain DPO only widens the gap, and can lower both answers' likelihood until
-greedy answers leave the format (measured on the parity test task: preference accuracy
-0.98 while the success rate fell 0.39 -> 0.33). A pair is the prompt's chat turns + the
+greedy answers leave the format (measured on a parity task: preference accuracy 0.98
+while the success rate fell 0.39 -> 0.33). A pair is the prompt's chat turns + the
 chosen (or rejected) answer as the last assistant turn, token-exact as in SFT (train/chat_data.py): only that answer's
 tokens and its end-of-turn token count; prompt rows are those of train/preference_data.py
 (prompt/chosen/rejected, messages, hh-rlhf dialogues, whose earlier turns become chat

@@ -52,6 +52,7 @@ class Stage:
     evaluate: Callable[[], dict[str, float]] | None = None  # eval metrics, run every train.eval_interval steps
     unit: str = "tokens"  # metrics name their rate `<unit>_per_s`
     flops_per_unit: float = 0.0  # for MFU (0: not reported)
+    step_metrics: Callable[[], dict[str, float]] | None = None  # the stage's own row entries (every rank calls it)
 
 
 def train(engine, stage: Stage, cfg: RunConfig, ckpt, state: dict[str, Any], stop, metrics) -> int:
@@ -115,7 +116,8 @@ def train(engine, stage: Stage, cfg: RunConfig, ckpt, state: dict[str, Any], sto
         metrics.advance()
         if state["step"] % cfg.logging.log_interval == 0 or state["step"] == t.max_steps:
             dt = time.time() - t0
-            metrics.log(state["step"], step_row(engine, stage, cfg, state, lr, total_loss, global_units, dt))
+            row = step_row(engine, stage, cfg, state, lr, total_loss, global_units, dt)
+            metrics.log(state["step"], row | (stage.step_metrics() if stage.step_metrics else {}))
         if stage.evaluate is not None and t.eval_interval and state["step"] % t.eval_interval == 0:
             metrics.log(state["step"], stage.evaluate())
         due = (t.save_interval and state["step"] % t.save_interval == 0) or state["step"] == t.max_steps

@@ -2,7 +2,7 @@
 
 copy:   prompt "123=", chosen "123", rejected a corrupted copy (two digits swapped or one
         changed); `reward` (tests.train.checkable_tasks:reward): 1.0 for exactly the number.
-parity: prompt "4821?", chosen "odd" / "even" (of the number), rejected the other word;
+parity: prompt "4 8 2 1 ?", chosen "odd" / "even" (of the number), rejected the other word;
         `parity_reward`: 1.0 for exactly the right word. `parity_sft_rows` are
         demonstrations of mixed quality (right with probability p_right), as unfiltered
         data is: SFT on them teaches the format and half the task, preferences the rest.
@@ -48,7 +48,7 @@ def parity_rows(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         number = rng.randrange(1000, 10000)
         right, wrong = ("even", "odd") if number % 2 == 0 else ("odd", "even")
-        out.append({"prompt": f"{number}?", "chosen": right, "rejected": wrong})
+        out.append({"prompt": " ".join(str(number)) + " ?", "chosen": right, "rejected": wrong})
     return out
 
 
@@ -59,5 +59,11 @@ def parity_sft_rows(n: int, seed: int = 0, p_right: float = 0.5) -> list[dict]:
 
 
 def parity_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    want = ["even" if int(p.rstrip("?")) % 2 == 0 else "odd" for p in prompts]
+    want = ["even" if int(p.replace(" ", "").rstrip("?")) % 2 == 0 else "odd" for p in prompts]
     return [float(c.strip() == w) for w, c in zip(want, completions, strict=True)]
+
+
+def says_even(prompts, completions):
+    """A verifiable reward every policy can reach (always answer "even"): the GRPO test's
+    target, where the SFT model's greedy answer is "odd" for every prompt."""
+    return [float(c.strip() == "even") for c in completions]
