@@ -441,7 +441,8 @@ def stage_run(args) -> int:
     if cfg.reward.init_from:
         overrides = {"dropout": cfg.model.dropout, "activation_checkpointing": cfg.model.activation_checkpointing}
         source = open_initial_weights(cfg.reward.init_from, overrides)
-        model_cfg = source.config
+        run.adopt_model(r, source, args.deepspeed_config)  # the snapshot (export, init_from) names this shape
+        model_cfg = cfg.model
     if cfg.reward.max_len > model_cfg.max_seq_len and model_cfg.pos_emb == "learned":
         raise ZeroLLMError(
             f"{cfg.path}: reward.max_len: {cfg.reward.max_len} > the model's max_seq_len {model_cfg.max_seq_len}"

@@ -46,7 +46,7 @@ from train.chat_data import (
     pack,
 )
 from train.config import check_record_file, parse_overrides, read_yaml
-from train.engine import all_reduce_sum, open_initial_weights, resolve_ds_config, zero_stage
+from train.engine import all_reduce_sum, open_initial_weights, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import IGNORE_INDEX, lm_loss
@@ -263,8 +263,7 @@ def stage_run(args) -> int:
     if not cfg.sft.init_from:
         raise ZeroLLMError(f"{cfg.path}: sft.init_from: no starting model given (HF dir or ZeroLLM run dir)")
     source = open_initial_weights(cfg.sft.init_from, model_overrides(cfg, args.set))
-    cfg.model = source.config  # the shape of the source; the config's model section only overrode knobs
-    r.ds = resolve_ds_config(args.deepspeed_config, cfg, r.world)  # bucket sizes from the real width
+    run.adopt_model(r, source, args.deepspeed_config)  # the source's shape; the model section only set knobs
     data = build_data(cfg, r.rank)
     engine = run.build(r, lambda: CustomLanguageModel(source.config), init_from=source)
     state = {
