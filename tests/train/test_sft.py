@@ -390,3 +390,107 @@ def test_resume_repeats_the_losses_of_an_uninterrupted_run(single_rank_group, sf
     la = [r["loss"] for r in straight if "loss" in r]
     lb = [r["loss"] for r in resumed if "loss" in r]
     assert lb[-2:] == pytest.approx(la[2:], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the real launcher, 2 ranks
+
+
+def launch_sft(config: Path, log: Path, env: dict | None = None):
+    """`deepspeed --num_gpus 2 --module train.sft ...` as a user runs it (ZeRO-2, CPU ranks),
+    its output to `log`; returns the launcher's process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, SINGLE_RANK_VARS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "--module", "train.sft", "--config", str(config),
+           "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")]  # fmt: skip
+    inherited = {k: v for k, v in os.environ.items() if k not in (*SINGLE_RANK_VARS, "ZEROLLM_FAULT")}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "ZEROLLM_RANK_LOG": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+
+
+def finished(proc, log: Path) -> tuple[int, str]:
+    """(exit status, output) of a launch."""
+    return proc.wait(timeout=600), log.read_text()
+
+
+def step_losses(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Loss by step: the global one (metrics.jsonl) and each rank's own (ranks/rank<r>.jsonl);
+    the last value of a step wins, as after a resume."""
+    files = {"global": (run_dir / "metrics.jsonl", "loss")}
+    files |= {f"rank{r}": (run_dir / "ranks" / f"rank{r}.jsonl", "loss_local") for r in (0, 1)}
+    out = {}
+    for name, (path, key) in files.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        out[name] = {r["step"]: r[key] for r in rows if key in r}
+    return out
+
+
+def sigterm_once_logged(proc, run_dir: Path, step: int) -> None:
+    """SIGTERM to both ranks (as Slurm sends it) once `step` is in the run's metrics."""
+    import signal
+    import time
+
+    import psutil
+
+    deadline, ranks = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None:
+        if len(ranks) < 2:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            ranks = [p for p in children if any(a.startswith("--local_rank=") for a in p.cmdline())]
+        if len(ranks) == 2 and max(step_losses(run_dir)["global"], default=0) >= step:
+            for p in ranks:
+                p.send_signal(signal.SIGTERM)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_rank_sft_resumes_after_sigkill_and_sigterm_with_the_same_losses(sft_inputs, tmp_path):
+    """2 CPU ranks, ZeRO-2, dropout 0.1 (so the RNG streams must resume too): a run where rank 1
+    is SIGKILLed after step 5, re-run (resumes at step 4), SIGTERMed on both ranks a few steps
+    later (checkpoint at the step the ranks agree on, exit 75), re-run to the end, logs for
+    every step the same global and per-rank losses as a run never interrupted (launched
+    beside the first interrupted one: the two start-ups share the wait)."""
+    import yaml
+
+    root, _ = sft_inputs
+    max_steps, ckpts = 20, tmp_path / "run" / "checkpoints"
+
+    def config(name: str) -> Path:
+        path = sft_config(root, tmp_path / name, max_steps=max_steps, save_interval=2, keep_last=20)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["model"]["dropout"] = 0.1
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    cfg, logs = config("run"), [tmp_path / f"launch{i}.log" for i in range(4)]
+    ref = launch_sft(config("ref"), logs[0])
+    killed = launch_sft(cfg, logs[1], env={"ZEROLLM_FAULT": "step:1:5"})
+    code, out = finished(ref, logs[0])
+    assert code == 0, out[-3000:]
+    code, out = finished(killed, logs[1])
+    assert code != 0 and (ckpts / "latest").read_text() == "step00000004", out[-3000:]
+    stopped = launch_sft(cfg, logs[2])
+    sigterm_once_logged(stopped, tmp_path / "run", step=6)
+    code, out = finished(stopped, logs[2])
+    assert code == 75 and f"resumed from {ckpts / 'step00000004'}" in out, out[-3000:]
+    assert "terminate called" not in out, out[-3000:]  # no rank aborted while exiting
+    tag = (ckpts / "latest").read_text()
+    manifest = json.loads((ckpts / tag / "complete.json").read_text())
+    assert "stopped at step" in out and 6 <= manifest["step"] < max_steps, (manifest["step"], out[-3000:])
+    code, out = finished(launch_sft(cfg, logs[3]), logs[3])
+    assert code == 0 and f"resumed from {ckpts / tag}" in out, out[-3000:]
+    want, got = step_losses(tmp_path / "ref"), step_losses(tmp_path / "run")
+    for name in ("global", "rank0", "rank1"):
+        assert sorted(got[name]) == sorted(want[name]) == list(range(1, max_steps + 1)), name
+        assert got[name] == want[name], name  # exactly: same rows, same dropout masks, same updates
