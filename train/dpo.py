@@ -173,20 +173,6 @@ def build_pairs(rows: list[dict[str, Any]], tok, max_len: int, where: str) -> tu
     return pairs, report
 
 
-def tokenizer_dir(d: DPOConfig) -> str:
-    from train.config import read_yaml
-
-    if d.tokenizer:
-        return d.tokenizer
-    src = Path(d.init_from)
-    if (src / "tokenizer.json").is_file():
-        return str(src)
-    tok = (read_yaml(src / "config.yaml").get("data") or {}).get("tokenizer") if (src / "config.yaml").is_file() else ""
-    if tok:
-        return tok
-    raise ZeroLLMError(f"dpo.tokenizer: {src} holds no tokenizer.json; name the tokenizer dir in dpo.tokenizer")
-
-
 @dataclass
 class Data:
     tok: Any
@@ -201,7 +187,7 @@ def build_data(cfg: RunConfig, rank: int) -> Data:
     from data_pipeline.tokenizer import tokenizer_hash
 
     d = cfg.dpo
-    tdir = tokenizer_dir(d)
+    tdir = rollout.find_tokenizer(d.tokenizer, d.init_from, "dpo.tokenizer")
     tok = load_chat_tokenizer(tdir)
     if len(tok) > cfg.model.vocab_size:
         raise ZeroLLMError(f"{tdir}: {len(tok)} tokens, more than the policy's vocab_size {cfg.model.vocab_size}")

@@ -45,12 +45,12 @@ from typing import Any
 import torch
 
 from train import rollout, run
-from train.chat_data import ShuffledRows, end_of_turn_id, generation_prompt, load_chat_tokenizer, read_rows
+from train.chat_data import ShuffledRows, end_of_turn_id, load_chat_tokenizer
 from train.config import RunConfig, check_record_file
 from train.engine import all_reduce_sum, build_frozen_engine, open_initial_weights, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
-from train.losses import group_advantages, kl_penalty, ppo_policy_loss, token_logprobs
+from train.losses import group_advantages, kl_penalty, ppo_policy_loss
 from train.model import CustomLanguageModel
 
 log = logging.getLogger("zerollm")
@@ -116,67 +116,7 @@ def preflight(cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- prompts
 
 
-@dataclass
-class Prompt:
-    text: str  # what the reward function sees
-    ids: list[int]  # chat turns + the assistant header
-
-
-def load_prompts(path: str, tok, max_len: int) -> list[Prompt]:
-    out = []
-    for n, row in enumerate(read_rows(path), 1):
-        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            msgs = [{"role": "user", "content": row["prompt"]}]
-        elif isinstance(row.get("messages"), list) and row["messages"]:
-            msgs = row["messages"]
-        else:
-            raise ZeroLLMError(f"{path}: row {n}: prompt: expected a non-empty 'prompt' text or 'messages' list")
-        ids = generation_prompt(tok, [*msgs, {"role": "assistant", "content": "x"}])
-        out.append(Prompt(msgs[-1]["content"], ids[-max_len:]))
-    if not out:
-        raise ZeroLLMError(f"{path}: no prompt rows")
-    return out
-
-
-def tokenizer_dir(g: GRPOConfig) -> str:
-    from train.config import read_yaml
-
-    if g.tokenizer:
-        return g.tokenizer
-    src = Path(g.init_from)
-    if (src / "tokenizer.json").is_file():
-        return str(src)
-    if (src / "config.yaml").is_file():
-        tok = (read_yaml(src / "config.yaml").get("data") or {}).get("tokenizer")
-        if tok:
-            return tok
-    raise ZeroLLMError(f"grpo.tokenizer: {src} holds no tokenizer.json; name the tokenizer dir in grpo.tokenizer")
-
-
 # ----------------------------------------------------------------------------- rollouts
-
-
-def sequences(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """prompt + answer rows, prompts left-aligned to one column (as generated):
-    x / targets (B, T-1), doc_ids (-1 on the left padding: never attended, positions start
-    at the first real token, as in generation), mask (B, T-1) on the answer's targets."""
-    P = max(len(p) for p in prompts)
-    A = max(1, max(len(a) for a in answers))
-    full = torch.full((len(prompts), P + A), pad_id, dtype=torch.long)
-    doc = torch.full_like(full, -1)
-    mask = torch.zeros_like(full, dtype=torch.bool)
-    for b, (p, a) in enumerate(zip(prompts, answers)):
-        full[b, P - len(p) : P] = torch.tensor(p)
-        full[b, P : P + len(a)] = torch.tensor(a, dtype=torch.long)
-        doc[b, P - len(p) :] = 0
-        mask[b, P : P + len(a)] = True
-    return {"x": full[:, :-1], "y": full[:, 1:], "doc_ids": doc[:, :-1], "mask": mask[:, 1:]}
-
-
-def answer_logps(engine, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) log-probs of the answer tokens (row-major) at `temperature`, and their logits (n, V)."""
-    logits, _ = engine(batch["x"], doc_ids=batch["doc_ids"], logits_where=batch["mask"])
-    return token_logprobs(logits[None], batch["y"][batch["mask"]][None], temperature)[0], logits
 
 
 @dataclass
@@ -189,7 +129,7 @@ class Rollouts:
     """Rollout r on this rank: prompts (r * world + rank) * P .. + P of the seeded order, each
     sampled group_size times with a generator seeded by (seed, r, rank)."""
 
-    def __init__(self, engine, reference, cfg: RunConfig, tok, prompts: list[Prompt], reward_fn):
+    def __init__(self, engine, reference, cfg: RunConfig, tok, prompts: list[rollout.Prompt], reward_fn):
         self.engine, self.reference, self.cfg, self.tok = engine, reference, cfg, tok
         self.order = ShuffledRows(prompts, cfg.data.seed)
         self.reward_fn = reward_fn
@@ -226,9 +166,9 @@ class Rollouts:
         micro = []
         mb = t.micro_batch_size
         for k in range(0, len(rows), mb):
-            batch = sequences([p.ids for p in rows[k : k + mb]], answers[k : k + mb], self.tok.pad_token_id)
-            old, _ = answer_logps(engine, batch, g.temperature)  # the training forward itself: ratio 1
-            ref, _ = answer_logps(self.reference, batch, g.temperature) if g.beta else (old, None)
+            batch = rollout.sequences([p.ids for p in rows[k : k + mb]], answers[k : k + mb], self.tok.pad_token_id)
+            old, _ = rollout.answer_logps(engine, batch, g.temperature)  # the training forward itself: ratio 1
+            ref, _ = rollout.answer_logps(self.reference, batch, g.temperature) if g.beta else (old, None)
             per_row = batch["mask"].sum(1)  # answer tokens per row
             batch |= {"old": old, "ref": ref, "adv": adv[k : k + mb].repeat_interleave(per_row)}
             micro.append(batch)
@@ -261,7 +201,7 @@ def make_stage(engine, cfg: RunConfig, rollouts: Rollouts, data_eval, state: dic
         return ro.rows[first : first + gas]
 
     def loss(engine, batch):
-        logp, logits = answer_logps(engine, batch, g.temperature)
+        logp, logits = rollout.answer_logps(engine, batch, g.temperature)
         mask = torch.ones_like(logp, dtype=torch.bool)
         pg, stats = ppo_policy_loss(logp, batch["old"], batch["adv"], mask, g.clip_eps)
         kl = kl_penalty(logp, batch["ref"], g.kl)
@@ -313,10 +253,11 @@ def stage_run(args) -> int:
     source = open_initial_weights(g.init_from, model_overrides(cfg, args.set))
     run.adopt_model(r, source, args.deepspeed_config)
     ref_source = open_initial_weights(g.reference, {"dropout": 0.0}) if g.reference else source
-    tdir = tokenizer_dir(g)
+    tdir = rollout.find_tokenizer(g.tokenizer, g.init_from, "grpo.tokenizer")
     tok = load_chat_tokenizer(tdir)
-    prompts = load_prompts(g.prompts_file, tok, g.max_prompt_len)
-    valid = load_prompts(g.valid_prompts_file, tok, g.max_prompt_len)[: g.eval_prompts] if g.valid_prompts_file else []
+    prompts = rollout.load_prompts(g.prompts_file, tok, g.max_prompt_len)
+    valid = rollout.load_prompts(g.valid_prompts_file, tok, g.max_prompt_len) if g.valid_prompts_file else []
+    valid = valid[: g.eval_prompts]
     reward_fn = rollout.load_reward_function(g.reward)
     engine = run.build(r, lambda: CustomLanguageModel(source.config), init_from=source)
     reference = build_frozen_engine(lambda: CustomLanguageModel(ref_source.config), r.ds, init_from=ref_source) \

@@ -17,10 +17,14 @@ import contextlib
 import importlib
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from train.chat_data import generation_prompt, read_rows
 from train.errors import ZeroLLMError
+from train.losses import token_logprobs
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -125,3 +129,68 @@ def success_rate(
     finally:
         engine.train(was_training)
     return sum(scores) / max(1, len(scores))
+
+
+def sequences(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """prompt + answer rows, prompts left-aligned to one column (as generated):
+    x / targets (B, T-1), doc_ids (-1 on the left padding: never attended, positions start
+    at the first real token, as in generation), mask (B, T-1) on the answer's targets."""
+    P = max(len(p) for p in prompts)
+    A = max(1, max(len(a) for a in answers))
+    full = torch.full((len(prompts), P + A), pad_id, dtype=torch.long)
+    doc = torch.full_like(full, -1)
+    mask = torch.zeros_like(full, dtype=torch.bool)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        full[b, P - len(p) : P] = torch.tensor(p)
+        full[b, P : P + len(a)] = torch.tensor(a, dtype=torch.long)
+        doc[b, P - len(p) :] = 0
+        mask[b, P : P + len(a)] = True
+    return {"x": full[:, :-1], "y": full[:, 1:], "doc_ids": doc[:, :-1], "mask": mask[:, 1:]}
+
+
+def answer_logps(engine, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) log-probs of the answer tokens (row-major) at `temperature`, and their logits (n, V)."""
+    logits, _ = engine(batch["x"], doc_ids=batch["doc_ids"], logits_where=batch["mask"])
+    return token_logprobs(logits[None], batch["y"][batch["mask"]][None], temperature)[0], logits
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompt:
+    text: str  # what the reward function sees
+    ids: list[int]  # chat turns + the assistant header
+
+
+def load_prompts(path: str, tok, max_len: int) -> list[Prompt]:
+    out = []
+    for n, row in enumerate(read_rows(path), 1):
+        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            msgs = [{"role": "user", "content": row["prompt"]}]
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            msgs = row["messages"]
+        else:
+            raise ZeroLLMError(f"{path}: row {n}: prompt: expected a non-empty 'prompt' text or 'messages' list")
+        ids = generation_prompt(tok, [*msgs, {"role": "assistant", "content": "x"}])
+        out.append(Prompt(msgs[-1]["content"], ids[-max_len:]))
+    if not out:
+        raise ZeroLLMError(f"{path}: no prompt rows")
+    return out
+
+
+def find_tokenizer(tokenizer: str, init_from: str, key: str) -> str:
+    """The tokenizer dir a stage uses: `tokenizer` when given, else the one beside the
+    starting model (an HF dir's tokenizer.json, or a ZeroLLM run's data.tokenizer)."""
+    from train.config import read_yaml
+
+    if tokenizer:
+        return tokenizer
+    src = Path(init_from)
+    if (src / "tokenizer.json").is_file():
+        return str(src)
+    if (src / "config.yaml").is_file():
+        tok = (read_yaml(src / "config.yaml").get("data") or {}).get("tokenizer")
+        if tok:
+            return tok
+    raise ZeroLLMError(f"{key}: {src} holds no tokenizer.json; name the tokenizer dir in {key}")
