@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Friendly shorthands: `zerollm pretrain ARGS` is `zerollm launch pretrain ARGS`; a stage's
 # tools (`zerollm reward score ...`) are subcommands of their own, not launches.
-ALIASES = {stage: ["launch", stage] for stage in ("pretrain", "sft", "reward", "dpo", "grpo")}
+ALIASES = {stage: ["launch", stage] for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")}
 STAGE_TOOLS = {("reward", "score")}
 
 

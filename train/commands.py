@@ -20,6 +20,7 @@ STAGE_HELP = {
     "pretrain": "pretrain",
     "sft": "supervised fine-tuning on chat data",
     "reward": "train a reward model on preference pairs",
+    "ppo": "PPO of a policy against a reward model (or a reward function), with a critic",
     "dpo": "direct preference optimisation of a policy on preference pairs",
     "grpo": "group-relative policy optimisation with a verifiable reward function",
 }

@@ -91,11 +91,14 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, 1, bias=False)  # as HF's ForSequenceClassification `score`
         nn.init.normal_(self.head.weight, std=cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and 0/1 mask -> (B,) fp32 scores."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """(B, T) ids and 0/1 mask -> (B,) fp32 scores; per_token: (B, T), the head at every
+        position (a PPO critic's values)."""
         valid = attention_mask.bool()
         position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T) 0 at the first real token
         h = self.lm.hidden_states(input_ids, position_ids, padding_causal_mask(valid))  # (B, T, d)
+        if per_token:
+            return self.head(h).squeeze(-1).float()  # (B, T)
         last = h[torch.arange(h.size(0), device=h.device), last_token_index(attention_mask)]  # (B, d)
         return self.head(last).squeeze(-1).float()  # (B,)
 

@@ -161,6 +161,7 @@ def answer_logps(engine, batch: dict[str, torch.Tensor], temperature: float) -> 
 class Prompt:
     text: str  # what the reward function sees
     ids: list[int]  # chat turns + the assistant header
+    messages: list[dict[str, str]]  # the chat turns (a reward model re-encodes them as it was trained)
 
 
 def load_prompts(path: str, tok, max_len: int) -> list[Prompt]:
@@ -173,7 +174,7 @@ def load_prompts(path: str, tok, max_len: int) -> list[Prompt]:
         else:
             raise ZeroLLMError(f"{path}: row {n}: prompt: expected a non-empty 'prompt' text or 'messages' list")
         ids = generation_prompt(tok, [*msgs, {"role": "assistant", "content": "x"}])
-        out.append(Prompt(msgs[-1]["content"], ids[-max_len:]))
+        out.append(Prompt(msgs[-1]["content"], ids[-max_len:], msgs))
     if not out:
         raise ZeroLLMError(f"{path}: no prompt rows")
     return out

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.conftest import REPO
@@ -25,37 +24,7 @@ ZERO0 = str(REPO / "ds_configs" / "zero0.json")
 
 @pytest.fixture(scope="module")
 def sft_start(tmp_path_factory) -> Path:
-    return make_sft_start(tmp_path_factory.mktemp("grpo"))
-
-
-def make_sft_start(root: Path) -> Path:
-    """A tiny Llama-style model SFT'd on parity answers that are right half the time
-    (the answer format, half the task), and train / held-out parity prompts."""
-    from data_pipeline.tokenizer import train_tokenizer
-    from train.hf_export import export_hf
-    from train.model import CustomLanguageModel, from_name
-    from train.sft import stage_run
-
-    texts = [f"{r['prompt']}{r['chosen']} {r['rejected']}" for r in checkable_tasks.parity_rows(1000, seed=1)]
-    tok_dir = train_tokenizer(texts, root / "tok", 300)
-    torch.manual_seed(0)
-    cfg = from_name("tiny", vocab_size=300, dropout=0.0, pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
-    export_hf(CustomLanguageModel(cfg), cfg, root / "hf", tokenizer_dir=tok_dir)
-    sft = checkable_tasks.parity_sft_rows(400, seed=5, p_right=0.5)
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    for name, seed, n in (("prompts", 11, 512), ("valid", 12, 64)):
-        rows = [{"prompt": r["prompt"]} for r in checkable_tasks.parity_rows(n, seed=seed)]
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sft_cfg = {"model": {"dropout": 0.0},
-               "sft": {"train_file": str(root / "sft.jsonl"), "init_from": str(root / "hf"), "max_len": 32,
-                       "eval_prompts": 0},
-               "train": {"micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 60, "warmup_steps": 0,
-                         "lr": 1e-3, "schedule": "constant", "precision": "fp32", "eval_interval": 0,
-                         "save_interval": 60, "weight_decay": 0.0},
-               "logging": {"run_dir": str(root / "sft"), "log_interval": 10, "tensorboard": False}}  # fmt: skip
-    (root / "sft.yaml").write_text(yaml.safe_dump(sft_cfg))
-    assert stage_run(argparse.Namespace(config=str(root / "sft.yaml"), deepspeed_config=ZERO0, set=[])) == 0
-    return root
+    return checkable_tasks.make_sft_start(tmp_path_factory.mktemp("grpo"))
 
 
 def grpo_config(root: Path, run_dir: Path, grpo=None, **train) -> Path:
