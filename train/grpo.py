@@ -250,7 +250,8 @@ def stage_run(args) -> int:
     cfg = r.cfg
     preflight(cfg)
     g = cfg.grpo
-    source = open_initial_weights(g.init_from, model_overrides(cfg, args.set))
+    # dropout off whatever the source trained with: the behaviour log-probs must be the update's
+    source = open_initial_weights(g.init_from, {**model_overrides(cfg, args.set), "dropout": 0.0})
     run.adopt_model(r, source, args.deepspeed_config)
     ref_source = open_initial_weights(g.reference, {"dropout": 0.0}) if g.reference else source
     tdir = rollout.find_tokenizer(g.tokenizer, g.init_from, "grpo.tokenizer")

@@ -121,6 +121,7 @@ def config_from_hf(hf_cfg: Any, **overrides: Any) -> ModelConfig:
             ffn_hidden=c.n_inner or 4 * c.n_embd,
             norm_eps=c.layer_norm_epsilon,
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+            dropout=float(c.resid_pdrop),  # export writes one dropout to resid/embd/attn_pdrop
         )
     elif c.model_type == "llama":
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
@@ -146,6 +147,7 @@ def config_from_hf(hf_cfg: Any, **overrides: Any) -> ModelConfig:
             mlp="swiglu",
             bias=bool(c.attention_bias),
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            dropout=float(getattr(c, "attention_dropout", 0.0)),
         )
     else:
         raise ZeroLLMError(f"Hugging Face model_type {c.model_type!r} is not supported (gpt2, llama)")

@@ -385,7 +385,8 @@ def stage_run(args) -> int:
     cfg = r.cfg
     preflight(cfg)
     p = cfg.ppo
-    source = open_initial_weights(p.init_from, model_overrides(cfg, args.set))
+    # dropout off whatever the source trained with: the behaviour log-probs must be the update's
+    source = open_initial_weights(p.init_from, {**model_overrides(cfg, args.set), "dropout": 0.0})
     run.adopt_model(r, source, args.deepspeed_config)
     tok_dir = rollout.find_tokenizer(p.tokenizer, p.init_from, "ppo.tokenizer")
     tok = load_chat_tokenizer(tok_dir)

@@ -131,3 +131,14 @@ def test_preset_parameter_counts_equal_the_transformers_model(name):
     assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
     if name == "llama-1b":
         assert ours.num_parameters() == 1_100_048_384  # TinyLlama-1.1B
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_dropout_survives_export_and_import(tmp_path, style):
+    from train.hf_export import export_hf, import_hf
+    from train.model import CustomLanguageModel, from_name
+
+    extra = {} if style == "gpt2" else {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+    cfg = from_name("tiny", dropout=0.1, **extra)
+    _, back = import_hf(export_hf(CustomLanguageModel(cfg), cfg, tmp_path / "hf"))
+    assert back.dropout == 0.1
