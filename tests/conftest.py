@@ -97,9 +97,35 @@ def _single_rank_pg():
 def single_rank_group(_single_rank_pg):
     """World size 1, no launcher, for a module's in-process engine tests; the rank
     variables DeepSpeed reads are set only while that module runs (never for launches
-    made by other modules)."""
-    with _environ(_single_rank_pg):
-        yield
+    made by other modules). torch runs on one thread meanwhile, as each launched rank does
+    (OMP_NUM_THREADS=1): the post-training tests' margins were measured so, and two
+    threads on a 2-core machine beside anything else ran these small ops ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _environ(_single_rank_pg):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def parity_sft(tmp_path_factory, _single_rank_pg):
+    """The parity task's tokenizer, random tiny start (hf/), half-right SFT run (sft/) and
+    train/held-out prompts, shared by the DPO, GRPO and PPO tests (tests/train/checkable_tasks.py)."""
+    import torch
+
+    from tests.train.checkable_tasks import make_sft_start
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _environ(_single_rank_pg):
+            return make_sft_start(tmp_path_factory.mktemp("parity"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -28,22 +28,11 @@ pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    """A ChatML tokenizer, a random tiny Llama-style model exported with it, parity pairs."""
-    from data_pipeline.tokenizer import train_tokenizer
-    from train.hf_export import export_hf
-    from train.model import CustomLanguageModel, from_name
-
-    root = tmp_path_factory.mktemp("dpo")
-    texts = [f"{r['prompt']}{r['chosen']} {r['rejected']}" for r in checkable_tasks.parity_rows(1000, seed=1)]
-    tok_dir = train_tokenizer(texts, root / "tok", 300)
-    torch.manual_seed(0)
-    cfg = from_name("tiny", vocab_size=300, dropout=0.0, pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
-    export_hf(CustomLanguageModel(cfg), cfg, root / "hf", tokenizer_dir=tok_dir)
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in checkable_tasks.parity_rows(640)))
-    sft = checkable_tasks.parity_sft_rows(400, seed=5, p_right=0.5)
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    return root
+def inputs(parity_sft) -> Path:
+    """The parity task's tokenizer, random tiny Llama-style start, half-right SFT run
+    (tests/conftest.py parity_sft), and parity preference pairs."""
+    (parity_sft / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in checkable_tasks.parity_rows(640)))
+    return parity_sft
 
 
 def dpo_config(root: Path, run_dir: Path, **over) -> Path:
@@ -102,19 +91,7 @@ def test_step_zero_is_ln2_and_the_reference_cache_is_reused_or_recomputed_equal(
 def test_dpo_after_sft_raises_held_out_preference_accuracy_and_success(inputs, tmp_path):
     """SFT on demonstrations that are right half the time teaches the answer format and
     half the task; DPO (with the RPO term) on parity preferences teaches the rest."""
-    from train.sft import stage_run as sft_run
-
-    sft_cfg = {"model": {"dropout": 0.0},
-               "sft": {"train_file": str(inputs / "sft.jsonl"), "init_from": str(inputs / "hf"), "max_len": 32,
-                       "eval_prompts": 0},
-               "train": {"micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 60, "warmup_steps": 0,
-                         "lr": 1e-3, "schedule": "constant", "precision": "fp32", "eval_interval": 0,
-                         "save_interval": 60, "weight_decay": 0.0},
-               "logging": {"run_dir": str(tmp_path / "sft"), "log_interval": 10, "tensorboard": False}}  # fmt: skip
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft_cfg))
-    ds = str(REPO / "ds_configs" / "zero0.json")
-    assert sft_run(argparse.Namespace(config=str(tmp_path / "sft.yaml"), deepspeed_config=ds, set=[])) == 0
-    start = {"init_from": str(tmp_path / "sft"), "tokenizer": str(inputs / "tok"), "nll_weight": 1.0}
+    start = {"init_from": str(inputs / "sft"), "tokenizer": str(inputs / "tok"), "nll_weight": 1.0}
     config = dpo_config(inputs, tmp_path / "dpo", max_steps=200, eval_interval=200, save_interval=0, lr=1e-3, dpo=start)
     before, after = evals(run_dpo(config))
     print("dpo after sft, parity task: before", before, "after", after)

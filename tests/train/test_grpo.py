@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.train import checkable_tasks
 from train.errors import ZeroLLMError
 
 pytestmark = pytest.mark.usefixtures("single_rank_group")
@@ -23,8 +22,8 @@ ZERO0 = str(REPO / "ds_configs" / "zero0.json")
 
 
 @pytest.fixture(scope="module")
-def sft_start(tmp_path_factory) -> Path:
-    return checkable_tasks.make_sft_start(tmp_path_factory.mktemp("grpo"))
+def sft_start(parity_sft) -> Path:
+    return parity_sft
 
 
 def grpo_config(root: Path, run_dir: Path, grpo=None, **train) -> Path:

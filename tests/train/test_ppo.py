@@ -25,12 +25,12 @@ ZERO0 = str(REPO / "ds_configs" / "zero0.json")
 
 
 @pytest.fixture(scope="module")
-def start(tmp_path_factory) -> Path:
+def start(parity_sft) -> Path:
     """The parity SFT model (it answers "odd" to every held-out prompt, greedy) and a reward
     model trained from it on pairs whose preferred answer is checkable: "even"."""
     from train.reward import stage_run
 
-    root = checkable_tasks.make_sft_start(tmp_path_factory.mktemp("ppo"))
+    root = parity_sft
     pairs = [{"prompt": r["prompt"], "chosen": "even", "rejected": "odd"} for r in checkable_tasks.parity_rows(400, 3)]
     (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     cfg = {"model": {"dropout": 0.0},
