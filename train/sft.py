@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from data_pipeline.sampler import DistributedSampler
-from train import run
+from train import rollout, run
 from train.chat_data import (
     Sample,
     ShuffledRows,
@@ -106,16 +106,7 @@ def model_overrides(cfg, sets: list[str]) -> dict[str, Any]:
 
 
 def tokenizer_dir(s: SFTConfig) -> str:
-    if s.tokenizer:
-        return s.tokenizer
-    src = Path(s.init_from)
-    if (src / "tokenizer.json").is_file():
-        return str(src)
-    if (src / "config.yaml").is_file():
-        tok = (read_yaml(src / "config.yaml").get("data") or {}).get("tokenizer")
-        if tok:
-            return tok
-    raise ZeroLLMError(f"sft.tokenizer: {src} holds no tokenizer.json; name the tokenizer dir in sft.tokenizer")
+    return rollout.find_tokenizer(s.tokenizer, s.init_from, "sft.tokenizer")
 
 
 @dataclass

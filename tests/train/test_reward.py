@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import socket
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import yaml
 
 from tests.conftest import REPO
+from tests.train import checkable_tasks
 from train.errors import ZeroLLMError
 from train.preference_data import Pair, build_pairs, collate, read_records, split_hh
 from train.reward import RewardModel
@@ -33,22 +33,8 @@ pytestmark = pytest.mark.usefixtures("single_rank_group")
 
 def copy_rows(n: int = 1200) -> list[dict]:
     """A checkable preference: the chosen answer repeats the prompt's 3-digit number exactly,
-    the rejected one is a corrupted copy (two digits swapped, or one digit changed). The
-    numbers are drawn at random, so held-out prompts are new: only the rule generalises."""
-    rng, rows = random.Random(0), []
-    while len(rows) < n:
-        digits = [rng.randrange(10) for _ in range(3)]
-        wrong = list(digits)
-        i = rng.randrange(3)
-        if rng.random() < 0.5:
-            j = (i + 1) % 3
-            wrong[i], wrong[j] = wrong[j], wrong[i]
-        else:
-            wrong[i] = (wrong[i] + rng.randrange(1, 10)) % 10
-        if wrong != digits:
-            number = "".join(map(str, digits))
-            rows.append({"prompt": f"{number}=", "chosen": number, "rejected": "".join(map(str, wrong))})
-    return rows
+    the rejected one is a corrupted copy (tests/train/checkable_tasks.py `rows`)."""
+    return checkable_tasks.rows(n)
 
 
 @pytest.fixture(scope="module")
