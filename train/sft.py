@@ -159,9 +159,12 @@ def build_data(cfg, rank: int) -> Data:
 
 
 def token_loss(engine, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """Summed next-token loss of the assistant tokens of one micro batch."""
-    logits, _ = engine(batch["x"], doc_ids=batch["doc_ids"])  # (B, T, V)
-    loss, _ = lm_loss(logits, batch["y"])
+    """Summed next-token loss of the assistant tokens of one micro batch. Only those positions
+    go through the head (`logits_where`): the head over the whole vocabulary is most of a
+    small model's step, and prompt and padding positions would only be thrown away."""
+    keep = batch["y"] != IGNORE_INDEX  # (B, T)
+    logits, _ = engine(batch["x"], doc_ids=batch["doc_ids"], logits_where=keep)  # (n, V)
+    loss, _ = lm_loss(logits, batch["y"][keep])
     return loss
 
 
