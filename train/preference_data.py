@@ -250,6 +250,66 @@ def collate(pairs: list[Pair], pad_id: int, padding_side: str = "right") -> dict
     return {"input_ids": ids, "attention_mask": mask, "margin": margin}
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two sequences, leaving each at least its last token."""
+    n, top = 0, min(len(a), len(b)) - 1
+    while n < top and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def collate_shared(pairs: list[Pair], pad_id: int, row_len: int) -> dict[str, torch.Tensor]:
+    """B pairs -> rows in which each pair's common prefix (the prompt) is run once.
+
+    A pair becomes one segment [prefix][chosen's rest][rejected's rest]: positions restart at
+    the end of the prefix for the rejected part, and attention lets each response see the
+    prefix and itself, never the other response nor another pair (a causal "tree" mask). Every
+    hidden state is that of the pair's two separate sequences, so the scores are too (float
+    rounding aside), for len(prefix) fewer tokens through the model. Segments are packed
+    best-fit decreasing into rows of `row_len` positions (a longer segment gets a row of its
+    own); rows are right-padded to the longest.
+
+    -> input_ids, position_ids (R, T); attn_mask (R, 1, T, T) bool, True = may attend;
+    read_at (2B,) flat indices into R*T of the B chosen then the B rejected last tokens (the
+    appended eos); attention_mask (R, T) 1 on real tokens; margin (B,).
+    """
+    from train.chat_data import best_fit
+
+    prefix = [shared_prefix(p.chosen, p.rejected) for p in pairs]
+    seg_len = [len(p.chosen) + len(p.rejected) - n for p, n in zip(pairs, prefix)]
+    rows = best_fit(seg_len, row_len)
+    T = max(sum(seg_len[i] for i in row) for row in rows)
+    R = len(rows)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, T), dtype=torch.long)
+    group = torch.full((R, T), -1, dtype=torch.long)  # pair number; -1 on padding
+    branch = torch.zeros((R, T), dtype=torch.long)  # 0 prefix, 1 chosen, 2 rejected
+    read_at = torch.zeros(2 * len(pairs), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            p, n = pairs[i], prefix[i]
+            c, j = len(p.chosen), len(p.rejected) - n  # chosen whole, then the rejected rest
+            ids[r, at : at + c] = torch.tensor(p.chosen)
+            ids[r, at + c : at + c + j] = torch.tensor(p.rejected[n:])
+            pos[r, at : at + c] = torch.arange(c)
+            pos[r, at + c : at + c + j] = torch.arange(n, n + j)
+            group[r, at : at + c + j] = i
+            branch[r, at + n : at + c] = 1
+            branch[r, at + c : at + c + j] = 2
+            read_at[i] = r * T + at + c - 1
+            read_at[len(pairs) + i] = r * T + at + c + j - 1
+            at += c + j
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = group[:, :, None] == group[:, None, :]  # (R, T, T) query pair == key pair
+    sees = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])  # key is prefix or same branch
+    real = group >= 0
+    mask = (causal & same & sees & real[:, None, :]) | torch.eye(T, dtype=torch.bool)  # padding sees itself
+    margin = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
+    return {"input_ids": ids, "position_ids": pos, "attn_mask": mask[:, None], "read_at": read_at,
+            "attention_mask": real.long(), "margin": margin}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- rows to score
 
 

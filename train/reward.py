@@ -13,6 +13,12 @@ The loss of a pair is -log sigmoid(r_chosen - r_rejected - margin) (Bradley & Te
 the margin term as in Llama 2, Touvron et al. 2023, eq. 2; 0 without a `margin` column),
 summed over pairs; the shared loop divides by the global pair count.
 
+A pair's common prefix (its prompt) goes through the model once: the row holds
+[prefix][chosen's rest][rejected's rest] with positions and a "tree" attention mask that give
+each response exactly the hidden states of its own sequence (preference_data.collate_shared;
+reward.shared_prompt: false runs the 2B sequences separately), several pairs packed per row.
+On hh-rlhf at max_len 256 that is 192 positions per pair instead of 503 padded ones.
+
 Held-out metrics: accuracy (r_chosen > r_rejected), mean margin, reward mean/std. The
 reward mean/std on training pairs are kept in each checkpoint's state (`reward_stats`,
 as of the last evaluation) and in `<run_dir>/reward_stats.json` (the final model), so
@@ -56,7 +62,16 @@ from train.hf_export import config_from_hf, read_hf_config
 from train.loop import Stage
 from train.losses import bradley_terry_loss, last_token_index
 from train.model import CustomLanguageModel, ModelConfig, padding_causal_mask
-from train.preference_data import Pair, PairSet, build_pairs, check_tokenizer, collate, pad, read_records
+from train.preference_data import (
+    Pair,
+    PairSet,
+    build_pairs,
+    check_tokenizer,
+    collate,
+    collate_shared,
+    pad,
+    read_records,
+)
 
 log = logging.getLogger("zerollm")
 
@@ -70,6 +85,7 @@ class RewardConfig:
     max_len: int = 256  # tokens per sequence (prompt truncated from the left to fit)
     tokenizer: str = ""  # HF tokenizer dir; "" = data.tokenizer
     stats_pairs: int = 512  # training pairs whose rewards give the saved mean/std
+    shared_prompt: bool = True  # run each pair's common prefix once for both responses (same scores)
 
     RANGES = {"valid_fraction": (0, 0.9), "max_len": (2, None), "stats_pairs": (1, None)}
 
@@ -91,9 +107,22 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, 1, bias=False)  # as HF's ForSequenceClassification `score`
         nn.init.normal_(self.head.weight, std=cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        per_token: bool = False,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        read_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) ids and 0/1 mask -> (B,) fp32 scores; per_token: (B, T), the head at every
-        position (a PPO critic's values)."""
+        position (a PPO critic's values). Shared-prompt rows (preference_data.collate_shared):
+        position_ids (B, T), attn_mask (B, 1, T, T) and read_at (N,) flat indices into B*T
+        -> (N,) scores at those positions."""
+        if attn_mask is not None:
+            h = self.lm.hidden_states(input_ids, position_ids, attn_mask)  # (B, T, d)
+            return self.head(h.flatten(0, 1)[read_at]).squeeze(-1).float()  # (N,)
         valid = attention_mask.bool()
         position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T) 0 at the first real token
         h = self.lm.hidden_states(input_ids, position_ids, padding_causal_mask(valid))  # (B, T, d)
@@ -208,20 +237,35 @@ def global_pairs(pairs: list[Pair], start: int, n: int, seed: int) -> list[Pair]
 # ----------------------------------------------------------------------------- steps
 
 
+def pair_batch(pairs: list[Pair], pad_id: int, cfg: RewardConfig) -> dict[str, torch.Tensor]:
+    """A micro batch of pairs as the model takes it: shared-prompt rows (the default) or
+    2B separate rows."""
+    if cfg.shared_prompt:
+        return collate_shared(pairs, pad_id, cfg.max_len)
+    return collate(pairs, pad_id)
+
+
+def pair_scores(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) scores of a pair_batch: the B chosen, then the B rejected."""
+    if "read_at" in batch:
+        return engine(batch["input_ids"], None, position_ids=batch["position_ids"], attn_mask=batch["attn_mask"],
+                      read_at=batch["read_at"])  # fmt: skip
+    return engine(batch["input_ids"], batch["attention_mask"])
+
+
 def pair_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed Bradley-Terry loss of one micro batch (2B rows: B chosen, then B rejected)."""
-    scores = engine(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    """Summed Bradley-Terry loss of one micro batch of B pairs."""
+    scores = pair_scores(engine, batch)  # (2B,)
     B = scores.size(0) // 2
     margin = batch["margin"] if batch.get("has_margin") else None
     return bradley_terry_loss(scores[:B], scores[B:], margin)
 
 
-def scores_of(engine, pairs: list[Pair], mb: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scores_of(engine, pairs: list[Pair], mb: int, pad_id: int, cfg: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), each (len(pairs),), in micro batches, without gradients."""
     rc, rr = [], []
     for i in range(0, len(pairs), mb):
-        b = collate(pairs[i : i + mb], pad_id)
-        s = engine(b["input_ids"], b["attention_mask"]).detach().float()
+        s = pair_scores(engine, pair_batch(pairs[i : i + mb], pad_id, cfg)).detach().float()
         rc.append(s[: s.size(0) // 2])
         rr.append(s[s.size(0) // 2 :])
     empty = torch.zeros(0)
@@ -245,7 +289,7 @@ def evaluate(engine, data: Data, cfg: RunConfig, state: dict[str, Any], rank: in
         out: dict[str, float] = {}
         if data.valid is not None:
             pairs, w = shard(data.valid.pairs, rank, world)
-            rc, rr = scores_of(engine, pairs, mb, data.pad_id)
+            rc, rr = scores_of(engine, pairs, mb, data.pad_id, cfg.reward)
             lp = -F.logsigmoid(rc - rr)  # (n,) per-pair loss
             n, correct, marg, s, s2, loss = all_reduce_sum([
                 float(w.sum()), float((w * (rc > rr)).sum()), float((w * (rc - rr)).sum()),
@@ -257,7 +301,7 @@ def evaluate(engine, data: Data, cfg: RunConfig, state: dict[str, Any], rank: in
                    "eval_reward_mean": mean, "eval_reward_std": std}  # fmt: skip
         k = min(cfg.reward.stats_pairs, len(data.train.pairs))
         pairs, w = shard(data.train.pairs[:k], rank, world)
-        rc, rr = scores_of(engine, pairs, mb, data.pad_id)
+        rc, rr = scores_of(engine, pairs, mb, data.pad_id, cfg.reward)
         n, s, s2 = all_reduce_sum(
             [2 * float(w.sum()), float((w * (rc + rr)).sum()), float((w * (rc**2 + rr**2)).sum())]
         )
@@ -283,7 +327,7 @@ def make_stage(engine, cfg: RunConfig, data: Data, state: dict[str, Any]) -> Sta
         out = []
         for k in range(gas):
             pairs = global_pairs(data.train.pairs, base + (k * world + rank) * mb, mb, cfg.data.seed)
-            out.append({**collate(pairs, data.pad_id), "has_margin": has_margin})
+            out.append({**pair_batch(pairs, data.pad_id, cfg.reward), "has_margin": has_margin})
         return out
 
     return Stage(

@@ -76,6 +76,40 @@ def test_scores_are_the_same_under_left_and_right_padding(tok):
         assert len(set(right.tolist())) == 4
 
 
+def test_a_shared_prompt_batch_gives_the_scores_and_gradients_of_separate_sequences(tok):
+    """collate_shared runs each pair's common prefix once and packs several pairs per row;
+    scores and parameter gradients must be those of the 2B separate rows (float rounding)."""
+    from train.model import from_name
+    from train.preference_data import collate_shared
+    from train.reward import pair_scores
+
+    eos = tok.eos_token_id
+    pairs = [
+        Pair([5, 6, 7, eos], [5, 6, 8, 9, 10, eos]),  # prefix 2
+        Pair([11, eos], [12, 13, 14, 15, 16, 17, 18, eos]),  # no prefix
+        Pair([20, 21, 22, 23, 24, 25, eos], [20, 21, 22, 23, 24, eos], 0.5),  # one is the other + a token
+        Pair([30, 31, 32, 33, eos], [30, 31, 32, 34, eos]),
+    ]
+    for style in ({}, {"pos_emb": "rope", "norm": "rmsnorm"}):  # learned positions and RoPE
+        torch.manual_seed(0)
+        model = RewardModel(from_name("tiny", dropout=0.0, **style))
+        torch.nn.init.normal_(model.head.weight, std=1.0)
+        grads = []
+        for batch in (collate(pairs, tok.pad_token_id), collate_shared(pairs, tok.pad_token_id, 16)):
+            model.zero_grad()
+            scores = pair_scores(model, batch)
+            (scores * torch.arange(1.0, 9.0)).sum().backward()  # every score with its own weight
+            grads.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (separate, g_sep), (shared, g_sh) = grads
+        assert torch.allclose(shared, separate, atol=1e-5), (shared, separate)
+        assert len(set(separate.tolist())) == 8
+        for name, g in g_sep.items():
+            assert (g_sh[name] - g).abs().max() <= 1e-5 * g.abs().max().clamp(min=1.0), name
+    b = collate_shared(pairs, tok.pad_token_id, 16)
+    assert b["input_ids"].size(0) < len(pairs)  # pairs packed in fewer rows than pairs
+    assert int(b["attention_mask"].sum()) == sum(len(p.chosen) + len(p.rejected) for p in pairs) - (2 + 0 + 5 + 3)
+
+
 def test_a_tokenizer_whose_pad_is_its_eos_stops_with_one_line():
     from train.preference_data import check_tokenizer
 
