@@ -62,7 +62,7 @@ from train.chat_data import (
     load_chat_tokenizer,
 )
 from train.config import RunConfig, check_record_file
-from train.engine import all_reduce_sum, build_frozen_engine, open_initial_weights, zero_stage
+from train.engine import all_reduce_sum, build_frozen_engine, open_initial_weights, to_device, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import IGNORE_INDEX, dpo_loss, token_logprobs
@@ -258,7 +258,7 @@ def all_logps(engine, pairs: list[PrefPair], mb: int, pad_id: int) -> tuple[torc
     with torch.no_grad():
         for k in range(0, len(idx), mb):
             chunk = idx[k : k + mb]
-            lp = sequence_logps(engine, pair_batch([pairs[i] for i in chunk], pad_id)).double()
+            lp = sequence_logps(engine, to_device(pair_batch([pairs[i] for i in chunk], pad_id), engine)).double().cpu()
             B = len(chunk)
             for j, i in enumerate(chunk):
                 if real[k + j]:
@@ -355,7 +355,7 @@ def make_stage(engine, cfg: RunConfig, data: Data, ref, state: dict[str, Any], r
         lp = sequence_logps(engine, batch)  # (2B,)
         B = lp.size(0) // 2
         idx = batch["idx"]
-        ref_c, ref_r = ref["train_chosen"][idx].float(), ref["train_rejected"][idx].float()
+        ref_c, ref_r = (ref[k][idx.cpu()].to(lp) for k in ("train_chosen", "train_rejected"))  # cached on the CPU
         value, _ = dpo_loss(lp[:B], lp[B:], ref_c, ref_r, d.beta, d.loss, d.label_smoothing)
         if d.nll_weight:
             n_tokens = (batch["y"][:B] != IGNORE_INDEX).sum(1).clamp(min=1)  # (B,) chosen answer tokens

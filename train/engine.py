@@ -456,6 +456,32 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
+def device_of(where) -> torch.device:
+    """The device an engine (DeepSpeed's `.device`), a module (its first parameter's) or a
+    device names."""
+    if isinstance(where, (torch.device, str)):
+        return torch.device(where)
+    device = getattr(where, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    param = next(where.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def to_device(obj, where):
+    """`obj` (a tensor, or dicts / lists / tuples holding tensors) with every tensor on the
+    device of `where` (see device_of): batches are built on the CPU, engines run on the GPU.
+    A no-op for tensors already there."""
+    device = device_of(where)
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few scalars over all ranks in one collective (float64 on CPU/GPU)."""
     import torch.distributed as dist

@@ -47,7 +47,7 @@ import torch
 from train import rollout, run
 from train.chat_data import ShuffledRows, end_of_turn_id, load_chat_tokenizer
 from train.config import RunConfig, check_record_file
-from train.engine import all_reduce_sum, build_frozen_engine, open_initial_weights, zero_stage
+from train.engine import all_reduce_sum, build_frozen_engine, device_of, open_initial_weights, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import group_advantages, kl_penalty, ppo_policy_loss
@@ -151,7 +151,7 @@ class Rollouts:
         start = (r * world + rank) * self.n_prompts
         prompts = [self.order[start + j] for j in range(self.n_prompts)]
         rows = [p for p in prompts for _ in range(g.group_size)]  # groups are consecutive
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + r * 1009 + rank)
+        gen = torch.Generator(device_of(engine)).manual_seed(self.cfg.train.seed * 1_000_003 + r * 1009 + rank)
         engine.eval()
         t0 = time.time()
         with rollout.gathered(engine):
@@ -167,8 +167,8 @@ class Rollouts:
         mb = t.micro_batch_size
         for k in range(0, len(rows), mb):
             batch = rollout.sequences([p.ids for p in rows[k : k + mb]], answers[k : k + mb], self.tok.pad_token_id)
-            old, _ = rollout.answer_logps(engine, batch, g.temperature)  # the training forward itself: ratio 1
-            ref, _ = rollout.answer_logps(self.reference, batch, g.temperature) if g.beta else (old, None)
+            old = rollout.answer_logps(engine, batch, g.temperature)[0].cpu()  # the training forward: ratio 1
+            ref = rollout.answer_logps(self.reference, batch, g.temperature)[0].cpu() if g.beta else old
             per_row = batch["mask"].sum(1)  # answer tokens per row
             batch |= {"old": old, "ref": ref, "adv": adv[k : k + mb].repeat_interleave(per_row)}
             micro.append(batch)

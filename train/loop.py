@@ -33,7 +33,7 @@ import torch
 
 from train.checkpoint import fault_point
 from train.config import RunConfig
-from train.engine import SHM_BUFFERS_REMOVED, all_reduce_sum, set_lr
+from train.engine import SHM_BUFFERS_REMOVED, all_reduce_sum, set_lr, to_device
 from train.errors import EXIT_BAD_LOSS, EXIT_OK, EXIT_PREEMPTED
 from train.schedule import lr_at
 
@@ -80,7 +80,7 @@ def train(engine, stage: Stage, cfg: RunConfig, ckpt, state: dict[str, Any], sto
             return EXIT_PREEMPTED
         loss_sum, nonfinite = 0.0, 0
         for i, batch in enumerate(batches):
-            loss = stage.loss(engine, batch)
+            loss = stage.loss(engine, to_device(batch, engine))  # built on the CPU; the engine's device
             if nan_injected(step, rank):
                 loss = loss * float("nan")
             loss_sum += float(loss.detach())

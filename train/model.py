@@ -466,6 +466,9 @@ class CustomLanguageModel(nn.Module):
         """
         B, T0 = idx.shape
         cfg = self.cfg
+        idx = idx.to(self.wte.weight.device)  # prompts are built on the CPU
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(idx.device)
         if cfg.pos_emb == "learned" and T0 + max_new_tokens > cfg.max_seq_len:
             raise ZeroLLMError(
                 f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len={cfg.max_seq_len}"

@@ -50,7 +50,16 @@ import torch
 from train import rollout, run
 from train.chat_data import ShuffledRows, end_of_turn_id, load_chat_tokenizer
 from train.config import RunConfig, check_record_file
-from train.engine import all_reduce_sum, build_engine, build_frozen_engine, open_initial_weights, set_lr, zero_stage
+from train.engine import (
+    all_reduce_sum,
+    build_engine,
+    build_frozen_engine,
+    device_of,
+    open_initial_weights,
+    set_lr,
+    to_device,
+    zero_stage,
+)
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import compute_gae, kl_penalty, masked_moments, masked_whiten, ppo_policy_loss, value_loss
@@ -171,7 +180,7 @@ class Scorer:
                 ids = encode_sequences(self.tok, None, [text], 10**9)[0][0][-self.max_len :]
             seqs.append(ids)
         ids, mask = pad(seqs, self.tok.pad_token_id)
-        raw = self.engine(ids, mask).float()  # (B,)
+        raw = self.engine(*to_device((ids, mask), self.engine)).float().cpu()  # (B,)
         used = ((raw - self.mean) / self.std).clamp(-self.clip, self.clip)
         return raw, used
 
@@ -209,7 +218,7 @@ class Rollouts:
         actor, p, t = self.actor, self.cfg.ppo, self.cfg.train
         rank, world = actor.global_rank, actor.world_size
         prompts = [self.order[(r * world + rank) * self.n_prompts + j] for j in range(self.n_prompts)]
-        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + r * 1009 + rank)
+        gen = torch.Generator(device_of(actor)).manual_seed(t.seed * 1_000_003 + r * 1009 + rank)  # sampling's device
         actor.eval()
         t0 = time.time()
         with rollout.gathered(actor):
@@ -226,9 +235,10 @@ class Rollouts:
         for k in range(0, len(prompts), mb):
             batch = rollout.sequences([q.ids for q in prompts[k : k + mb]], answers[k : k + mb], self.tok.pad_token_id)
             m = batch["mask"]  # (b, T)
-            old, _ = rollout.answer_logps(actor, batch, p.temperature)  # the training forward itself: ratio 1
-            ref, _ = rollout.answer_logps(self.reference, batch, p.temperature)
-            values = self.critic(batch["x"], batch["doc_ids"] >= 0, per_token=True)[m]  # (n,) V(s_t)
+            old = rollout.answer_logps(actor, batch, p.temperature)[0].cpu()  # the training forward: ratio 1
+            ref = rollout.answer_logps(self.reference, batch, p.temperature)[0].cpu()
+            x, real = to_device((batch["x"], batch["doc_ids"] >= 0), self.critic)
+            values = self.critic(x, real, per_token=True).cpu()[m]  # (n,) V(s_t)
             kl = kl_penalty(old, ref, p.kl)  # (n,)
             rewards = torch.zeros(m.shape)
             rewards[m] = -beta * kl

@@ -34,7 +34,7 @@ from data_pipeline.sampler import DistributedSampler
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from train import run
 from train.config import RunConfig, check_token_data
-from train.engine import all_reduce_sum, zero_stage
+from train.engine import all_reduce_sum, to_device, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import IGNORE_INDEX, lm_loss
@@ -138,7 +138,7 @@ def evaluate(engine, dataset, cfg: RunConfig, rank: int, world: int) -> dict[str
             start = (k * world + rank) * mb
             idx = [(start + j) % len(dataset) for j in range(mb)]
             (x,) = micro_batches(dataset, [idx])
-            loss_sum += float(token_loss(engine, x))
+            loss_sum += float(token_loss(engine, to_device(x, engine)))
             count += x[:, 1:].numel()
     engine.train()
     total, n = all_reduce_sum([loss_sum, count])

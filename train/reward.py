@@ -56,7 +56,14 @@ from tqdm import tqdm
 from train import run
 from train.checkpoint import MANIFEST, checkpoint_folder
 from train.config import RunConfig, check_record_file, load_run_config, read_yaml
-from train.engine import all_reduce_sum, construct_model, load_initial_weights, open_initial_weights, zero_stage
+from train.engine import (
+    all_reduce_sum,
+    construct_model,
+    load_initial_weights,
+    open_initial_weights,
+    to_device,
+    zero_stage,
+)
 from train.errors import ZeroLLMError
 from train.hf_export import config_from_hf, read_hf_config
 from train.loop import Stage
@@ -265,7 +272,7 @@ def scores_of(engine, pairs: list[Pair], mb: int, pad_id: int, cfg: RewardConfig
     """(r_chosen, r_rejected), each (len(pairs),), in micro batches, without gradients."""
     rc, rr = [], []
     for i in range(0, len(pairs), mb):
-        s = pair_scores(engine, pair_batch(pairs[i : i + mb], pad_id, cfg)).detach().float()
+        s = pair_scores(engine, to_device(pair_batch(pairs[i : i + mb], pad_id, cfg), engine)).detach().float().cpu()
         rc.append(s[: s.size(0) // 2])
         rr.append(s[s.size(0) // 2 :])
     empty = torch.zeros(0)

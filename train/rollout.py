@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from train.chat_data import generation_prompt, read_rows
+from train.engine import to_device
 from train.errors import ZeroLLMError
 from train.losses import token_logprobs
 
@@ -149,7 +150,9 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -
 
 
 def answer_logps(engine, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) log-probs of the answer tokens (row-major) at `temperature`, and their logits (n, V)."""
+    """(n,) log-probs of the answer tokens (row-major) at `temperature`, and their logits (n, V),
+    on the engine's device."""
+    batch = to_device(batch, engine)
     logits, _ = engine(batch["x"], doc_ids=batch["doc_ids"], logits_where=batch["mask"])
     return token_logprobs(logits[None], batch["y"][batch["mask"]][None], temperature)[0], logits
 

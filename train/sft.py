@@ -46,7 +46,7 @@ from train.chat_data import (
     pack,
 )
 from train.config import check_record_file, parse_overrides, read_yaml
-from train.engine import all_reduce_sum, open_initial_weights, zero_stage
+from train.engine import all_reduce_sum, open_initial_weights, to_device, zero_stage
 from train.errors import ZeroLLMError
 from train.loop import Stage
 from train.losses import IGNORE_INDEX, lm_loss
@@ -182,7 +182,7 @@ def evaluate(engine, data: Data, cfg, step_of: dict[str, int]) -> dict[str, floa
         mine = data.valid[rank::world]
         for k in range(0, min(len(mine), cfg.train.eval_steps * mb), mb):
             batch = collate(mine[k : k + mb], data.tok.pad_token_id)
-            loss_sum += float(token_loss(engine, batch))
+            loss_sum += float(token_loss(engine, to_device(batch, engine)))
             n += count(batch)
         texts = generate(engine.module, data) if data.prompts else []
     engine.train()

@@ -125,3 +125,18 @@ def test_kill_inside_second_engine_save_keeps_previous_resume_point(ranks):
     assert Checkpointer(run, 0, 2).find_resume().name == "step00000001"
     assert not (run / "checkpoints" / "step00000002").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step00000001"
+
+
+def test_to_device_moves_every_tensor_of_a_batch_and_nothing_else():
+    """Batches are built on the CPU; train.engine.to_device puts them on the engine's device
+    (the meta device stands in for a GPU here) however they nest."""
+    from train.engine import device_of, to_device
+
+    batch = {"x": torch.zeros(2, 3), "parts": [torch.ones(1), (torch.arange(2), 7)], "name": "b", "none": None}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["x"].is_meta and moved["parts"][0].is_meta and moved["parts"][1][0].is_meta
+    assert isinstance(moved["parts"][1], tuple) and moved["parts"][1][1] == 7
+    assert moved["name"] == "b" and moved["none"] is None
+    assert not batch["x"].is_meta  # the CPU batch itself is left as it was
+    model = torch.nn.Linear(2, 2, device="meta")
+    assert device_of(model) == torch.device("meta") and to_device(torch.zeros(1), model).is_meta
