@@ -154,8 +154,8 @@ class Rollouts:
         gen = torch.Generator(device_of(engine)).manual_seed(self.cfg.train.seed * 1_000_003 + r * 1009 + rank)
         engine.eval()
         t0 = time.time()
-        with rollout.gathered(engine):
-            answers = rollout.generate(engine.module, [p.ids for p in rows], g.max_new_tokens, self.eot,
+        with rollout.gathered(engine) as model:
+            answers = rollout.generate(model, [p.ids for p in rows], g.max_new_tokens, self.eot,
                                        self.tok.pad_token_id, g.temperature, g.top_p, gen)  # fmt: skip
         gen_s = time.time() - t0
         texts = [rollout.completion_text(self.tok, a, self.eot) for a in answers]

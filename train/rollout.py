@@ -1,8 +1,8 @@
 """Generation and verifiable rewards shared by the post-training stages (DPO eval, PPO, GRPO).
 
     fn = load_reward_function("data_pipeline.function_tasks:reward")   # (prompts, completions) -> scores
-    with gathered(engine):                                               # ZeRO-3: weights once per batch
-        responses = generate(engine.module, prompt_ids, 64, eot, pad_id, temperature=0.0)
+    with gathered(engine) as model:                                      # ZeRO-3: weights once per batch
+        responses = generate(model, prompt_ids, 64, eot, pad_id, temperature=0.0)
     rate = success_rate(engine, tok, prompts, prompt_ids, fn, 64)       # mean score on held-out prompts
 
 A reward function takes the prompt texts and the completion texts (decoded up to the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from train.chat_data import generation_prompt, read_rows
-from train.engine import to_device
+from train.engine import device_of, to_device
 from train.errors import ZeroLLMError
 from train.losses import token_logprobs
 
@@ -64,15 +64,44 @@ def call_reward(fn: RewardFn, prompts: list[str], completions: list[str]) -> lis
 
 @contextlib.contextmanager
 def gathered(engine):
-    """Under ZeRO-3 every weight is gathered once for the whole block (one all-gather per
-    rollout batch, not one per layer per generated token); otherwise nothing to do."""
+    """The model to generate with: `engine.module`, or under ZeRO-3 a plain replica of it.
+
+    A ZeRO-3 module fetches its weights through DeepSpeed's hooks at every forward, i.e. for
+    every generated token, and even with the weights held gathered the hooks' bookkeeping at
+    each of those forwards made generation 6x slower than a plain module (2 CPU ranks,
+    benchmarks/bench_zero3_generate.py). So the weights are all-gathered once, copied into a
+    hook-free module of the same class, dtype and device, and released again; the replica
+    (one full copy of the weights, for the rollout) generates. Collective under ZeRO-3:
+    every rank enters together.
+    """
+    module = engine.module
     if engine.zero_optimization_stage() != 3:
-        yield
+        yield module
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        yield
+    params = dict(module.named_parameters())
+    dtype = next(iter(params.values())).dtype
+    with torch.device("meta"):
+        replica = type(module)(module.cfg).to(dtype)
+    tied: dict[int, list[str]] = {}  # to_empty() unties shared parameters (a tied LM head): re-tie them
+    for name, p in replica.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    replica.to_empty(device=device_of(engine))
+    for first, *others in tied.values():
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(replica.get_submodule(owner), attr, replica.get_parameter(first))
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, p in replica.named_parameters():
+            p.data.copy_(params[name].data)
+    for name, b in module.named_buffers():  # buffers are never partitioned
+        replica.get_buffer(name).copy_(b)
+    replica.eval()
+    try:
+        yield replica
+    finally:
+        del replica
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,9 +151,9 @@ def success_rate(
     engine.eval()
     scores = []
     try:
-        with gathered(engine):
+        with gathered(engine) as model:
             for i in range(0, len(prompts), batch_size):
-                resp = generate(engine.module, prompt_ids[i : i + batch_size], max_new_tokens, eot, tok.pad_token_id)
+                resp = generate(model, prompt_ids[i : i + batch_size], max_new_tokens, eot, tok.pad_token_id)
                 texts = [completion_text(tok, r, eot) for r in resp]
                 scores += call_reward(fn, prompts[i : i + batch_size], texts)
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from train import rollout
 from train.checkpoint import Checkpointer
 from train.config import DataConfig, LoggingConfig, RunConfig, TrainConfig
 from train.engine import (
@@ -84,6 +85,11 @@ def main() -> None:
         engine.eval()
         out[f"{style}_zero3_diff"] = max_diff(engine, idx, want)
         out[f"{style}_zero3_resident"] = resident(engine)
+        prompts = [idx[0, :5].tolist(), idx[1, :9].tolist()]  # two lengths: left padding
+        with rollout.gathered(engine) as model:  # the rollout path: a hook-free replica
+            out[f"{style}_zero3_generated"] = rollout.generate(model, prompts, 6, eot=-1, pad_id=0)
+            out[f"{style}_replica_has_ds_params"] = any(hasattr(p, "ds_id") for p in model.parameters())
+        out[f"{style}_zero3_resident_after_generate"] = resident(engine)
         engines[style] = engine
 
         frozen = build_frozen_engine(make, ds3, init_from=src)
@@ -101,6 +107,7 @@ def main() -> None:
         plain = build_engine(cfg, ds0, make, init_from=src)
         plain.eval()
         out[f"{style}_zero0_diff"] = max_diff(plain, idx, want)
+        out[f"{style}_zero0_generated"] = rollout.generate(plain.module, prompts, 6, eot=-1, pad_id=0)
         del plain
 
     # Two engines in one checkpoint: train each a step, save, step again, load: same weights.

@@ -90,6 +90,17 @@ def test_engines_from_hf_dir_give_transformers_logits(ranks, style):
 
 
 @pytest.mark.parametrize("style", STYLES)
+def test_zero3_generation_gathers_into_a_plain_replica_with_the_same_tokens(ranks, style):
+    """rollout.gathered under ZeRO-3 yields a hook-free copy of the whole model: greedy tokens
+    equal the ZeRO-0 engine's, and the engine's weights are partitioned again afterwards."""
+    for r in ranks["rank"]:
+        assert r[f"{style}_zero3_generated"] == r[f"{style}_zero0_generated"]
+        assert [len(x) for x in r[f"{style}_zero3_generated"]] == [6, 6]
+        assert r[f"{style}_replica_has_ds_params"] is False
+        assert r[f"{style}_zero3_resident_after_generate"] == r[f"{style}_zero3_resident"]
+
+
+@pytest.mark.parametrize("style", STYLES)
 def test_zero3_ranks_each_hold_half_the_parameters(ranks, style):
     for r in ranks["rank"]:
         for kind in ("zero3", "frozen"):
