@@ -32,7 +32,8 @@ loss is the clipped surrogate (train.losses.ppo_policy_loss) minus entropy_coef 
 the critic's the clipped value loss, both summed over answer tokens and divided by their
 global count. A resume lands on a rollout boundary (save_interval and max_steps multiples
 of epochs x minibatches, checked) and regenerates the same rollout from the checkpoint's
-weights and seeds.
+weights and seeds; a stop signal (SIGTERM / SIGUSR1) takes effect at the next boundary too,
+agreed by the ranks before that rollout is made (`StopBetweenRollouts`).
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ class Rollouts:
         gen = torch.Generator(device_of(actor)).manual_seed(t.seed * 1_000_003 + r * 1009 + rank)  # sampling's device
         actor.eval()
         t0 = time.time()
-        with rollout.gathered(actor) as model:
-            answers = rollout.generate(model, [q.ids for q in prompts], p.max_new_tokens, self.eot,
+        with rollout.gathered(actor):
+            answers = rollout.generate(actor.module, [q.ids for q in prompts], p.max_new_tokens, self.eot,
                                        self.tok.pad_token_id, p.temperature, p.top_p, gen)  # fmt: skip
         gen_s = time.time() - t0
         texts = [rollout.completion_text(self.tok, a, self.eot) for a in answers]
@@ -287,7 +288,26 @@ class Checkpoints:
         return self.ckpt.save({"policy": engine, "value": self.critic}, step, state)
 
 
-def make_stage(actor, critic, cfg: RunConfig, rollouts: Rollouts, evaluate, state: dict[str, Any]) -> Stage:
+class StopBetweenRollouts:
+    """The stop flag the loop reads (train.run.GracefulStop's `requested`), raised only at a
+    rollout boundary, before that rollout is made, when any rank got a signal. A checkpoint
+    inside a rollout would resume by regenerating it from weights its updates had changed;
+    one after making it would hold the RNG and KL coefficient the rollout had advanced."""
+
+    def __init__(self, signals):
+        self.signals, self.requested = signals, False
+
+    def agree(self) -> bool:
+        """Called by every rank at each rollout boundary: True (here and as `requested`)
+        when any rank has been signalled."""
+        (votes,) = all_reduce_sum([float(self.signals.requested)])
+        self.requested = votes > 0
+        return self.requested
+
+
+def make_stage(
+    actor, critic, cfg: RunConfig, rollouts: Rollouts, evaluate, state: dict[str, Any], stop: StopBetweenRollouts
+) -> Stage:
     t, p = cfg.train, cfg.ppo
     gas, cycle = t.grad_accum_steps, p.epochs * p.minibatches
     acc = {"clipped": 0.0, "approx_kl": 0.0, "entropy": 0.0, "value_loss": 0.0, "value_clipped": 0.0, "tokens": 0.0}
@@ -297,6 +317,8 @@ def make_stage(actor, critic, cfg: RunConfig, rollouts: Rollouts, evaluate, stat
     def next_batches():
         step = state["step"]
         r, k = divmod(step, cycle)
+        if k == 0 and stop.agree():
+            return []  # no rollout: the loop sees the stop, saves this boundary and exits 75
         ro = rollouts.get(r)
         step_of["stats"] = ro.stats
         epoch, m = divmod(k, p.minibatches)
@@ -364,10 +386,10 @@ def evaluation(actor, tok, valid: list[rollout.Prompt], scorer: Scorer, eval_fn,
         was = actor.training
         actor.eval()
         raws, useds, success = [], [], []
-        with torch.no_grad(), rollout.gathered(actor) as model:
+        with torch.no_grad(), rollout.gathered(actor):
             for i in range(0, len(valid), 16):
                 chunk = valid[i : i + 16]
-                answers = rollout.generate(model, [q.ids for q in chunk], p.max_new_tokens, eot,
+                answers = rollout.generate(actor.module, [q.ids for q in chunk], p.max_new_tokens, eot,
                                            tok.pad_token_id)  # fmt: skip
                 texts = [rollout.completion_text(tok, a, eot) for a in answers]
                 raw, used = scorer(chunk, texts)
@@ -428,7 +450,8 @@ def stage_run(args) -> int:
     rollouts = Rollouts(actor, critic, reference, scorer, cfg, tok, prompts, state)
     eval_fn = rollout.load_reward_function(p.eval_reward) if p.eval_reward else None
     evaluate = evaluation(actor, tok, valid, scorer, eval_fn, cfg) if valid and cfg.train.eval_interval else None
-    stage = make_stage(actor, critic, cfg, rollouts, evaluate, state)
+    r.stop = StopBetweenRollouts(r.stop)
+    stage = make_stage(actor, critic, cfg, rollouts, evaluate, state, r.stop)
     return run.loop(r, actor, stage, Checkpoints(ckpt, critic), state, resumed)
 
 

@@ -5,6 +5,8 @@ PPO with a reward model trained on a checkable preference raises both the reward
   score and the checkable success rate of greedy held-out answers, KL to the reference bounded
 the first update of every rollout sees a ratio of exactly 1; 4 epochs per rollout stay stable
 one checkpoint holds actor and critic; a resume repeats the uninterrupted run's metrics
+2 ranks through the real launchers: a SIGKILLed rank, a re-run, a SIGTERM (checkpoint between
+  rollouts, exit 75) and a last re-run log every step's metrics as a run never interrupted
 pure math: GAE, clipped policy and value losses, KL estimators (tests/train/test_losses.py)
 """
 
@@ -12,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO
@@ -46,13 +51,13 @@ def start(parity_sft) -> Path:
     return root
 
 
-def ppo_config(root: Path, run_dir: Path, **train) -> Path:
+def ppo_config(root: Path, run_dir: Path, ppo: dict | None = None, **train) -> Path:
     cfg = {
         "model": {"dropout": 0.0},
         "ppo": {"prompts_file": str(root / "prompts.jsonl"), "valid_prompts_file": str(root / "valid.jsonl"),
                 "init_from": str(root / "sft"), "reward_model": str(root / "rm"), "tokenizer": str(root / "tok"),
                 "eval_reward": "tests.train.checkable_tasks:says_even", "max_new_tokens": 4, "kl_coef": 0.05,
-                "epochs": 4, "minibatches": 1, "eval_prompts": 64},
+                "epochs": 4, "minibatches": 1, "eval_prompts": 64, **(ppo or {})},
         "train": {"micro_batch_size": 16, "grad_accum_steps": 1, "max_steps": 40, "warmup_steps": 0, "lr": 1e-3,
                   "schedule": "constant", "precision": "fp32", "eval_interval": 40, "eval_at_start": True,
                   "save_interval": 20, "weight_decay": 0.0, **train},
@@ -98,3 +103,124 @@ def test_one_checkpoint_holds_actor_and_critic_and_a_resume_repeats_the_run(star
     a = {r["step"]: [r[k] for k in keys] for r in whole if "loss" in r and r["step"] > 8}
     b = {r["step"]: [r[k] for k in keys] for r in resumed if "loss" in r and r["step"] > 8}
     assert list(a) == list(range(9, 17)) and a == b
+
+
+# ----------------------------------------------------------------------------- the real launchers, 2 ranks
+
+
+def noisy_says_even(prompts: list[str], completions: list[str]) -> list[float]:
+    """says_even plus noise drawn from the rank's global torch, numpy and Python RNGs: a run
+    repeats its rewards only where every rank's RNG resumes where it was saved."""
+    noise = [torch.rand(()).item() + np.random.rand() + random.random() - 1.5 for _ in completions]
+    return [float(c.strip() == "even") + 0.1 * n for c, n in zip(completions, noise, strict=True)]
+
+
+def launch_ppo(config: Path, log: Path, via: str = "deepspeed", env: dict | None = None):
+    """2 CPU ranks, ZeRO-2, as a user starts them: `deepspeed --num_gpus 2 --module train.ppo`
+    or `zerollm ppo --num_gpus 2` (its supervisor owns the ranks and their stop signals);
+    output to `log`; returns the launcher's process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import SINGLE_RANK_VARS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    where = ["--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    stage = ["--config", str(config), "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")]
+    if via == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), *where, "--module", "train.ppo", *stage]
+    else:
+        cmd = [sys.executable, "-m", "launch.cli", "ppo", *stage, *where, "--verbose"]
+    inherited = {k: v for k, v in os.environ.items() if k not in (*SINGLE_RANK_VARS, "ZEROLLM_FAULT")}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "ZEROLLM_RANK_LOG": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+
+
+def step_rows(run_dir: Path) -> dict[str, dict[int, dict]]:
+    """Each step's deterministic metrics (no timings): the global row (metrics.jsonl) and each
+    rank's own loss (ranks/rank<r>.jsonl); the last row of a step wins, as after a resume."""
+    timings = {"time", "tokens_per_s", "samples_per_s", "gen_tokens_per_s", "gen_s", "memory_gb"}
+    out = {}
+    for name, path in [("global", run_dir / "metrics.jsonl")] + [
+        (f"rank{r}", run_dir / "ranks" / f"rank{r}.jsonl") for r in (0, 1)
+    ]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        out[name] = {
+            r["step"]: {k: v for k, v in r.items() if k not in timings}
+            for r in rows
+            if "loss" in r or "loss_local" in r
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_ppo_resumes_after_sigkill_and_sigterm_with_the_same_metrics(parity_sft, tmp_path):
+    """2 CPU ranks, ZeRO-2, 10 rollouts x 4 epochs, adaptive KL coefficient, a reward with noise
+    from each rank's RNG: a run (`deepspeed`) whose rank 1 is SIGKILLed after step 10 (mid-
+    rollout: the checkpoint of step 8 is the newest), re-run (`zerollm ppo`) and SIGTERMed
+    once step 9 is logged (the ranks agree to stop at the next rollout boundary: checkpoint,
+    exit 75), re-run to the end (`deepspeed`), logs for every step the same metrics (reward,
+    KL, KL coefficient, losses, clip fractions, entropy, grad norm, per-rank losses) as a run
+    never interrupted (launched beside the first interrupted one), and ends with the same
+    RNG state on every rank. (Rollouts after the SIGTERM leave it time to arrive before the end.)"""
+    root, max_steps, cycle = parity_sft, 40, 4
+    ppo = {"reward_model": "", "reward": "tests.train.test_ppo:noisy_says_even", "valid_prompts_file": "",
+           "eval_reward": "", "kl_target": 0.05}  # fmt: skip
+    train = {"micro_batch_size": 4, "max_steps": max_steps, "save_interval": 8, "eval_interval": 0, "keep_last": 20}
+    cfg, ckpts = ppo_config(root, tmp_path / "run", ppo, **train), tmp_path / "run" / "checkpoints"
+    logs = [tmp_path / f"launch{i}.log" for i in range(4)]
+
+    def finished(proc, i: int) -> tuple[int, str]:
+        code, out = proc.wait(timeout=600), logs[i].read_text()
+        assert "terminate called" not in out, out[-3000:]  # no rank aborted while exiting
+        return code, out
+
+    ref = launch_ppo(ppo_config(root, tmp_path / "ref", ppo, **train), logs[0])
+    killed = launch_ppo(cfg, logs[1], env={"ZEROLLM_FAULT": "step:1:10"})
+    code, out = finished(ref, 0)
+    assert code == 0, out[-3000:]
+    code, out = finished(killed, 1)
+    assert code != 0 and (ckpts / "latest").read_text() == "step00000008", out[-3000:]
+    logged = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    stopped = launch_ppo(cfg, logs[2], via="zerollm")
+    sigterm_once_logged(stopped, tmp_path / "run" / "metrics.jsonl", logged, step=9)
+    code, out = finished(stopped, 2)
+    assert code == 75 and f"resumed from {ckpts / 'step00000008'}" in out, out[-3000:]
+    tag = (ckpts / "latest").read_text()
+    manifest = json.loads((ckpts / tag / "complete.json").read_text())
+    assert "stopped at step" in out and manifest["step"] % cycle == 0, (manifest["step"], out[-3000:])
+    assert 12 <= manifest["step"] < max_steps, (manifest["step"], out[-3000:])
+    code, out = finished(launch_ppo(cfg, logs[3]), 3)
+    assert code == 0 and f"resumed from {ckpts / tag}" in out, out[-3000:]
+    want, got = step_rows(tmp_path / "ref"), step_rows(tmp_path / "run")
+    for name in ("global", "rank0", "rank1"):
+        assert sorted(got[name]) == sorted(want[name]) == list(range(1, max_steps + 1)), name
+        for step in want[name]:
+            assert got[name][step] == want[name][step], (name, step)  # exactly: same rollouts, same updates
+    for r in (0, 1):
+        a, b = (torch.load(d / "checkpoints" / f"step{max_steps:08d}" / f"zerollm_rank{r:05d}.pt")
+                for d in (tmp_path / "ref", tmp_path / "run"))  # fmt: skip
+        assert torch.equal(a["torch"], b["torch"]) and torch.equal(a["numpy"], b["numpy"]), r
+        assert a["python"] == b["python"] and a["numpy_pos"] == b["numpy_pos"], r
+
+
+def sigterm_once_logged(proc, metrics: Path, logged: int, step: int) -> None:
+    """SIGTERM to the launcher (as a user's kill or a scheduler sends it) once this launch
+    has logged `step` (in the rows of `metrics` past the first `logged`)."""
+    import signal
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        text = metrics.read_text()
+        rows = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()[logged:]]  # whole lines
+        if any(r.get("step", 0) >= step and "loss" in r for r in rows):
+            proc.send_signal(signal.SIGTERM)
+            return
+        time.sleep(0.05)
