@@ -222,8 +222,8 @@ class Rollouts:
         gen = torch.Generator(device_of(actor)).manual_seed(t.seed * 1_000_003 + r * 1009 + rank)  # sampling's device
         actor.eval()
         t0 = time.time()
-        with rollout.gathered(actor):
-            answers = rollout.generate(actor.module, [q.ids for q in prompts], p.max_new_tokens, self.eot,
+        with rollout.gathered(actor) as model:
+            answers = rollout.generate(model, [q.ids for q in prompts], p.max_new_tokens, self.eot,
                                        self.tok.pad_token_id, p.temperature, p.top_p, gen)  # fmt: skip
         gen_s = time.time() - t0
         texts = [rollout.completion_text(self.tok, a, self.eot) for a in answers]
@@ -386,10 +386,10 @@ def evaluation(actor, tok, valid: list[rollout.Prompt], scorer: Scorer, eval_fn,
         was = actor.training
         actor.eval()
         raws, useds, success = [], [], []
-        with torch.no_grad(), rollout.gathered(actor):
+        with torch.no_grad(), rollout.gathered(actor) as model:
             for i in range(0, len(valid), 16):
                 chunk = valid[i : i + 16]
-                answers = rollout.generate(actor.module, [q.ids for q in chunk], p.max_new_tokens, eot,
+                answers = rollout.generate(model, [q.ids for q in chunk], p.max_new_tokens, eot,
                                            tok.pad_token_id)  # fmt: skip
                 texts = [rollout.completion_text(tok, a, eot) for a in answers]
                 raw, used = scorer(chunk, texts)
