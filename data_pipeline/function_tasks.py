@@ -122,6 +122,44 @@ def reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [success(p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
+def partial_credit(prompt: str, completion: str) -> float:
+    """Shaped reward in [0, 1] for RL on a model too small to pass `success` by chance:
+    a quarter for each check passed, 1.0 exactly when `success` is 1.0.
+
+    The checks read the longest run of the completion's complete lines that, after the
+    prompt, still parses as the one function (so a good first line followed by noise earns
+    credit): 1. that run adds a statement to the docstring; 2. it is the whole completion
+    (the `success` parse); 3. a statement of it is not trivial (`pass` and kin); 4. it reads
+    one of the function's parameters. An empty or blank answer earns 0.
+    """
+    text = completion if completion.endswith("\n") else completion[: completion.rfind("\n") + 1]
+    lines = text.splitlines(keepends=True)
+    for k in range(len(lines), 0, -1):  # longest first: a whole answer that parses costs one parse
+        try:
+            tree = ast.parse(prompt + "".join(lines[:k]))
+        except (SyntaxError, ValueError):  # ValueError: NUL bytes
+            continue
+        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+            continue  # dedented code after the function
+        fn = tree.body[0]
+        stmts = fn.body[1:] if _is_docstring(fn.body[0]) else fn.body
+        if not stmts:
+            continue  # blank lines only: nothing added to the prompt
+        checks = [True, k == len(lines), not all(_trivial(s) for s in stmts),
+                  any(_reads(s, _param_names(fn)) for s in stmts)]  # fmt: skip
+        return sum(checks) / len(checks)
+    return 0.0
+
+
+def partial_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The batch form of `partial_credit` (`data_pipeline.function_tasks:partial_reward`)."""
+    return [partial_credit(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _is_docstring(s: ast.stmt) -> bool:
+    return isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
+
+
 # ----------------------------------------------------------------------------- files
 
 

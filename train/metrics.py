@@ -106,3 +106,39 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_curves(
+    metrics_path: str | Path, out: str | Path, panels: dict[str, list[str]], title: str = ""
+) -> Path | None:
+    """One PNG, one panel per entry of `panels` (panel title -> metrics.jsonl keys, each a
+    line against step; keys starting with `eval_` drawn with markers). Returns `out`, or
+    None when no key of any panel has a value."""
+    rows = read_metrics(metrics_path)
+    series = {
+        k: {r["step"]: r[k] for r in rows if isinstance(r.get(k), (int, float))} for ks in panels.values() for k in ks
+    }
+    shown = {name: [k for k in ks if series[k]] for name, ks in panels.items()}
+    shown = {name: ks for name, ks in shown.items() if ks}
+    if not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], shown.items()):
+        for k in keys:
+            steps = sorted(series[k])
+            ax.plot(steps, [series[k][s] for s in steps], "o-" if k.startswith("eval_") else "-", label=k)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

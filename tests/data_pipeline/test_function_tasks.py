@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_pipeline.function_tasks import build_tasks, functions_of, reward, success
+from data_pipeline.function_tasks import build_tasks, functions_of, partial_credit, partial_reward, reward, success
 from train.errors import ZeroLLMError
 
 PROMPT = 'def area(w, h):\n    """The area of a w x h rectangle."""\n'
@@ -54,6 +54,37 @@ def test_success_accepts_only_a_real_body_that_reads_a_parameter(completion, ok)
 
 def test_reward_is_success_per_row():
     assert reward([PROMPT, PROMPT], ["    return h * w\n", "    pass\n"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("completion", "credit"),
+    [
+        ("    return w * h\n", 1.0),  # every check: a statement, the whole answer parses, real, reads w
+        ("    return w * h\n    return (\n", 0.75),  # a good first line, then noise: not the whole answer
+        ("    return 0\n", 0.75),  # reads no parameter
+        ("    pass\n", 0.5),  # parses, trivial, reads nothing
+        ("    return 0\n    x = (\n", 0.5),  # a real first line that reads nothing, then noise
+        ("    return w *\n", 0.0),  # no line parses
+        ("    return w * h\nprint(1)\n", 0.75),  # dedented code after the function: only the first line counts
+        ("\n\n", 0.0),  # blank lines add no statement
+        ("", 0.0),
+    ],
+)
+def test_partial_credit_is_a_quarter_per_check_of_the_longest_parsing_lines(completion, credit):
+    assert partial_credit(PROMPT, completion) == credit
+
+
+@pytest.mark.parametrize(
+    "completion",
+    ["    return w * h\n", "    return w * h\n<|im_end|", "    return w *\n", "    pass\n", "    return 0\n",
+     "    return w * h\nprint(1)\n", '    """Again."""\n', "    x = w\n    return (\n", "", "\n"],
+)  # fmt: skip
+def test_partial_credit_is_full_exactly_when_the_strict_check_passes(completion):
+    assert (partial_credit(PROMPT, completion) == 1.0) == (success(PROMPT, completion) == 1.0)
+
+
+def test_partial_reward_is_partial_credit_per_row():
+    assert partial_reward([PROMPT, PROMPT], ["    return h * w\n", "    pass\n"]) == [1.0, 0.5]
 
 
 def test_only_short_documented_useful_functions_become_tasks():
