@@ -183,7 +183,9 @@ class Rollouts:
 # ----------------------------------------------------------------------------- the stage
 
 
-def make_stage(engine, cfg: RunConfig, rollouts: Rollouts, data_eval, state: dict[str, Any]) -> Stage:
+def make_stage(
+    engine, cfg: RunConfig, rollouts: Rollouts, data_eval, state: dict[str, Any], stop: rollout.StopBetweenRollouts
+) -> Stage:
     t, g = cfg.train, cfg.grpo
     gas = t.grad_accum_steps
     cycle = g.epochs * g.minibatches
@@ -193,6 +195,8 @@ def make_stage(engine, cfg: RunConfig, rollouts: Rollouts, data_eval, state: dic
     def next_batches():
         step = state["step"]
         r, k = divmod(step, cycle)
+        if k == 0 and stop.agree():
+            return []  # no rollout: the loop sees the stop, saves this boundary and exits 75
         ro = rollouts.get(r)
         last["stats"] = ro.stats
         epoch, m = divmod(k, g.minibatches)
@@ -284,7 +288,8 @@ def stage_run(args) -> int:
                                     g.max_new_tokens, eot)  # fmt: skip
         return {"eval_success": rate}
 
-    stage = make_stage(engine, cfg, rollouts, evaluate if valid and cfg.train.eval_interval else None, state)
+    r.stop = rollout.StopBetweenRollouts(r.stop)  # a stop takes effect between rollouts only
+    stage = make_stage(engine, cfg, rollouts, evaluate if valid and cfg.train.eval_interval else None, state, r.stop)
     return run.loop(r, engine, stage, ckpt, state, resumed)
 
 

@@ -33,7 +33,7 @@ the critic's the clipped value loss, both summed over answer tokens and divided 
 global count. A resume lands on a rollout boundary (save_interval and max_steps multiples
 of epochs x minibatches, checked) and regenerates the same rollout from the checkpoint's
 weights and seeds; a stop signal (SIGTERM / SIGUSR1) takes effect at the next boundary too,
-agreed by the ranks before that rollout is made (`StopBetweenRollouts`).
+agreed by the ranks before that rollout is made (`rollout.StopBetweenRollouts`).
 """
 
 from __future__ import annotations
@@ -288,25 +288,14 @@ class Checkpoints:
         return self.ckpt.save({"policy": engine, "value": self.critic}, step, state)
 
 
-class StopBetweenRollouts:
-    """The stop flag the loop reads (train.run.GracefulStop's `requested`), raised only at a
-    rollout boundary, before that rollout is made, when any rank got a signal. A checkpoint
-    inside a rollout would resume by regenerating it from weights its updates had changed;
-    one after making it would hold the RNG and KL coefficient the rollout had advanced."""
-
-    def __init__(self, signals):
-        self.signals, self.requested = signals, False
-
-    def agree(self) -> bool:
-        """Called by every rank at each rollout boundary: True (here and as `requested`)
-        when any rank has been signalled."""
-        (votes,) = all_reduce_sum([float(self.signals.requested)])
-        self.requested = votes > 0
-        return self.requested
-
-
 def make_stage(
-    actor, critic, cfg: RunConfig, rollouts: Rollouts, evaluate, state: dict[str, Any], stop: StopBetweenRollouts
+    actor,
+    critic,
+    cfg: RunConfig,
+    rollouts: Rollouts,
+    evaluate,
+    state: dict[str, Any],
+    stop: rollout.StopBetweenRollouts,
 ) -> Stage:
     t, p = cfg.train, cfg.ppo
     gas, cycle = t.grad_accum_steps, p.epochs * p.minibatches
@@ -450,7 +439,7 @@ def stage_run(args) -> int:
     rollouts = Rollouts(actor, critic, reference, scorer, cfg, tok, prompts, state)
     eval_fn = rollout.load_reward_function(p.eval_reward) if p.eval_reward else None
     evaluate = evaluation(actor, tok, valid, scorer, eval_fn, cfg) if valid and cfg.train.eval_interval else None
-    r.stop = StopBetweenRollouts(r.stop)
+    r.stop = rollout.StopBetweenRollouts(r.stop)
     stage = make_stage(actor, critic, cfg, rollouts, evaluate, state, r.stop)
     return run.loop(r, actor, stage, Checkpoints(ckpt, critic), state, resumed)
 

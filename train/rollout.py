@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from train.chat_data import generation_prompt, read_rows
-from train.engine import device_of, to_device
+from train.engine import all_reduce_sum, device_of, to_device
 from train.errors import ZeroLLMError
 from train.losses import token_logprobs
 
@@ -102,6 +102,25 @@ def gathered(engine):
         yield replica
     finally:
         del replica
+
+
+class StopBetweenRollouts:
+    """The stop flag the loop reads (train.run.GracefulStop's `requested`), raised only at a
+    rollout boundary, before that rollout is made, when any rank got a signal. A checkpoint
+    inside a rollout would resume by regenerating it from weights its updates had changed;
+    one after making it would hold the RNG (and PPO's KL coefficient) the rollout had advanced.
+    A stage whose next_batches returns [] when `agree()` is True at a boundary gets that
+    boundary saved and exit 75 from the loop (GRPO, PPO)."""
+
+    def __init__(self, signals):
+        self.signals, self.requested = signals, False
+
+    def agree(self) -> bool:
+        """Called by every rank at each rollout boundary: True (here and as `requested`)
+        when any rank has been signalled."""
+        (votes,) = all_reduce_sum([float(self.signals.requested)])
+        self.requested = votes > 0
+        return self.requested
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

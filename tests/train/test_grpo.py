@@ -74,3 +74,39 @@ def test_a_reward_function_that_fails_stops_with_one_line(sft_start, tmp_path):
         config = grpo_config(sft_start, tmp_path / name, grpo={"reward": f"tests.train.checkable_tasks:{name}"})
         with pytest.raises(ZeroLLMError, match=rf"reward function tests\.train\.checkable_tasks:{name} {says}"):
             run_grpo(config)
+
+
+def test_a_stop_signal_inside_a_rollout_saves_at_the_next_rollout_boundary(sft_start, tmp_path, monkeypatch):
+    """SIGTERM during step 6, inside rollout 2 (steps 5-8): the run goes on to the boundary,
+    saves step 8 and exits 75. Saved at step 6, a resume would regenerate rollout 2 from weights
+    its own updates had already changed (train/rollout.py StopBetweenRollouts)."""
+    import os
+    import signal
+
+    from train import grpo
+    from train.checkpoint import MANIFEST, Checkpointer
+    from train.errors import EXIT_PREEMPTED
+
+    calls = {"n": 0}
+    real = grpo.ppo_policy_loss
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # one loss per step (grad_accum 1): step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "ppo_policy_loss", signalling)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    grpo_cfg = {"epochs": 2, "minibatches": 2, "reward": "tests.train.checkable_tasks:says_even"}
+    config = grpo_config(sft_start, tmp_path / "run", grpo=grpo_cfg, max_steps=16, eval_interval=0, save_interval=4)
+    try:
+        code = grpo.stage_run(argparse.Namespace(config=str(config), deepspeed_config=ZERO0, set=[]))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == EXIT_PREEMPTED
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "loss" in r) == 8  # steps 7 and 8 still ran: rollout 2 finished
+    latest = Checkpointer(tmp_path / "run", 0, 1).find_resume()
+    assert latest is not None and json.loads((latest / MANIFEST).read_text())["step"] == 8
