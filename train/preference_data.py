@@ -266,8 +266,8 @@ def collate_shared(pairs: list[Pair], pad_id: int, row_len: int) -> dict[str, to
     prefix and itself, never the other response nor another pair (a causal "tree" mask). Every
     hidden state is that of the pair's two separate sequences, so the scores are too (float
     rounding aside), for len(prefix) fewer tokens through the model. Segments are packed
-    best-fit decreasing into rows of `row_len` positions (a longer segment gets a row of its
-    own); rows are right-padded to the longest.
+    best-fit decreasing into rows of max(`row_len`, the longest segment) positions (every row
+    is padded to the longest anyway).
 
     -> input_ids, position_ids (R, T); attn_mask (R, 1, T, T) bool, True = may attend;
     read_at (2B,) flat indices into R*T of the B chosen then the B rejected last tokens (the
@@ -277,7 +277,7 @@ def collate_shared(pairs: list[Pair], pad_id: int, row_len: int) -> dict[str, to
 
     prefix = [shared_prefix(p.chosen, p.rejected) for p in pairs]
     seg_len = [len(p.chosen) + len(p.rejected) - n for p, n in zip(pairs, prefix)]
-    rows = best_fit(seg_len, row_len)
+    rows = best_fit(seg_len, max(row_len, *seg_len))  # rows are padded to the longest segment anyway
     T = max(sum(seg_len[i] for i in row) for row in rows)
     R = len(rows)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
