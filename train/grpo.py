@@ -165,12 +165,17 @@ class Rollouts:
         adv = group_advantages(rewards, g.group_size)  # (rows,)
         micro = []
         mb = t.micro_batch_size
+        # A rollout that feeds exactly one update: the training forward's own (detached) log-probs
+        # are the behaviour log-probs (ratio exactly 1), so no extra forward is made for them.
+        single = g.epochs * g.minibatches == 1
         for k in range(0, len(rows), mb):
             batch = rollout.sequences([p.ids for p in rows[k : k + mb]], answers[k : k + mb], self.tok.pad_token_id)
-            old = rollout.answer_logps(engine, batch, g.temperature)[0].cpu()  # the training forward: ratio 1
-            ref = rollout.answer_logps(self.reference, batch, g.temperature)[0].cpu() if g.beta else old
             per_row = batch["mask"].sum(1)  # answer tokens per row
-            batch |= {"old": old, "ref": ref, "adv": adv[k : k + mb].repeat_interleave(per_row)}
+            batch["adv"] = adv[k : k + mb].repeat_interleave(per_row)
+            if not single:
+                batch["old"] = rollout.answer_logps(engine, batch, g.temperature)[0].cpu()  # the training forward
+            if g.beta:
+                batch["ref"] = rollout.answer_logps(self.reference, batch, g.temperature)[0].cpu()
             micro.append(batch)
         engine.train()
         n_tokens = sum(len(a) for a in answers)
@@ -207,8 +212,9 @@ def make_stage(
     def loss(engine, batch):
         logp, logits = rollout.answer_logps(engine, batch, g.temperature)
         mask = torch.ones_like(logp, dtype=torch.bool)
-        pg, stats = ppo_policy_loss(logp, batch["old"], batch["adv"], mask, g.clip_eps)
-        kl = kl_penalty(logp, batch["ref"], g.kl)
+        old = batch["old"] if "old" in batch else logp.detach()  # see Rollouts.make: one update per rollout
+        pg, stats = ppo_policy_loss(logp, old, batch["adv"], mask, g.clip_eps)
+        kl = kl_penalty(logp, batch["ref"] if "ref" in batch else old, g.kl)  # beta 0: no reference (KL 0)
         with torch.no_grad():
             p = torch.softmax(logits.float() / g.temperature, -1)
             acc["entropy"] += float(-(p * torch.log(p.clamp_min(1e-30))).sum())

@@ -110,3 +110,29 @@ def test_a_stop_signal_inside_a_rollout_saves_at_the_next_rollout_boundary(sft_s
     assert max(r["step"] for r in rows if "loss" in r) == 8  # steps 7 and 8 still ran: rollout 2 finished
     latest = Checkpointer(tmp_path / "run", 0, 1).find_resume()
     assert latest is not None and json.loads((latest / MANIFEST).read_text())["step"] == 8
+
+
+def test_a_rollout_for_one_update_takes_its_behaviour_log_probs_from_the_training_forward(
+    sft_start, tmp_path, monkeypatch
+):
+    """epochs x minibatches == 1: no separate forward for the behaviour log-probs (the update's
+    own forward, detached, is exactly the sampling policy): per step one reference forward in
+    the rollout and the training forward, and the ratio is 1 at every step."""
+    from train import grpo, rollout
+
+    calls = {"n": 0}
+    real = rollout.answer_logps
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "answer_logps", counted)
+    config = grpo_config(sft_start, tmp_path / "run", grpo={"epochs": 1, "minibatches": 1}, max_steps=3,
+                         eval_interval=0, save_interval=3)  # fmt: skip
+    assert grpo.stage_run(argparse.Namespace(config=str(config), deepspeed_config=ZERO0, set=[])) == 0
+    assert calls["n"] == 3 * 2  # 16 answers = one micro batch per rollout: reference + training forward
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3 and all(r["approx_kl"] == 0.0 and r["clip_fraction"] == 0.0 for r in steps)
+    assert all(r["kl_to_ref"] > 0 for r in steps[1:])  # the reference is still used (beta 0.04)
