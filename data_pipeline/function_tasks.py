@@ -17,7 +17,8 @@ prompt comes from a module the model never fine-tuned on. Written files:
 completion (up to the end of its last complete line) parses as Python with `ast`, the
 function's body holds a statement other than a docstring, `pass`, `...`, `return` /
 `return None` or `raise NotImplementedError`, and it reads at least one of the
-function's own parameters (so no one fixed answer, e.g. `return 0`, succeeds everywhere).
+function's own parameters, `self` / `cls` only when there is no other (so no one fixed
+answer, e.g. `return 0` or `self.x`, succeeds everywhere).
 The rejected answer of a preference pair fails it in one of three seeded ways: the body
 cut mid-way (no longer parses), a trivial body (`pass` and kin), or the body of another
 function that reads none of this one's parameters.
@@ -79,9 +80,13 @@ def _useful(stmts: list[ast.stmt], fn: ast.FunctionDef) -> bool:
 
 
 def _param_names(fn: ast.FunctionDef) -> set[str]:
+    """The parameters a body must read one of: `self` / `cls` count only in a method that has
+    no other parameter (else `self.x` would be one fixed answer passing for every method: a
+    GRPO run on the demo learned `self.call(self._w)` for 26 of 32 held-out prompts)."""
     a = fn.args
     every = [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
-    return {x.arg for x in every}
+    names = {x.arg for x in every}
+    return (names - {"self", "cls"}) or names
 
 
 def _trivial(s: ast.stmt) -> bool:

@@ -52,6 +52,15 @@ def test_success_accepts_only_a_real_body_that_reads_a_parameter(completion, ok)
     assert success(PROMPT, completion) == ok
 
 
+def test_reading_only_self_is_not_enough_in_a_method_that_has_other_parameters():
+    """`self.call(self._w)` was one answer passing for every method (a GRPO run learned it)."""
+    method = 'def scale(self, factor):\n    """Scale by factor."""\n'
+    assert success(method, "    return self.call(self._w)\n") == 0.0
+    assert success(method, "    return self.size * factor\n") == 1.0
+    only_self = 'def close(self):\n    """Close it."""\n'
+    assert success(only_self, "    self._file.close()\n") == 1.0  # nothing else to read
+
+
 def test_reward_is_success_per_row():
     assert reward([PROMPT, PROMPT], ["    return h * w\n", "    pass\n"]) == [1.0, 0.0]
 
