@@ -361,10 +361,13 @@ def checkpoint_folder(run_dir: str | Path, tag: str | None = None) -> Path:
 def consolidated_state_dict(folder: Path, engine: str | None = None) -> dict[str, torch.Tensor]:
     """The whole fp32 module state dict of a checkpoint of any ZeRO stage (one process, CPU).
 
-    `engine` picks one of a several-engine checkpoint. A tied head may have no entry of its
-    own (ZeRO's consolidation writes the shared tensor once).
+    `engine` picks one of a several-engine checkpoint; None there means "policy" when it
+    holds one (a PPO run's actor: what `zerollm export` and a later stage's init_from take).
+    A tied head may have no entry of its own (ZeRO's consolidation writes the shared tensor once).
     """
     names = json.loads((folder / MANIFEST).read_text()).get("engines")
+    if names and engine is None and "policy" in names:
+        engine = "policy"
     if names and engine not in names:
         which = f"not {engine!r}" if engine else "name the one to load"
         raise ZeroLLMError(f"{folder}: holds engines {', '.join(names)}; {which}")

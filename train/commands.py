@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export a checkpoint to a Hugging Face model directory",
         description="An LM run gives GPT2LMHeadModel / LlamaForCausalLM; a reward run gives "
         "GPT2ForSequenceClassification / LlamaForSequenceClassification (num_labels=1) with its "
-        "reward_stats.json (mean, std, tokenizer hash, max_len).",
+        "reward_stats.json (mean, std, tokenizer hash, max_len); a PPO run gives its policy (the actor).",
     )
     p.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -122,7 +122,8 @@ def run_export(args: argparse.Namespace) -> int:
     model, cfg = load_checkpoint_model(args.run_dir, args.tag)
     reward = is_reward_state(model.state_dict())
     rc = cfg.sections.get("reward")
-    tok = args.tokenizer or (rc.tokenizer if rc else "") or cfg.data.tokenizer or None
+    stage_tok = next((t for t in (getattr(sec, "tokenizer", "") for sec in cfg.sections.values()) if t), "")
+    tok = args.tokenizer or stage_tok or cfg.data.tokenizer or None  # reward.tokenizer, ppo.tokenizer, ...
     out = Path(args.out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -103,6 +103,24 @@ def test_one_checkpoint_holds_actor_and_critic_and_a_resume_repeats_the_run(star
     a = {r["step"]: [r[k] for k in keys] for r in whole if "loss" in r and r["step"] > 8}
     b = {r["step"]: [r[k] for k in keys] for r in resumed if "loss" in r and r["step"] > 8}
     assert list(a) == list(range(9, 17)) and a == b
+    # `zerollm export` of a PPO run writes its policy (the actor), as transformers loads it.
+    from transformers import AutoModelForCausalLM
+
+    from train.checkpoint import checkpoint_folder, consolidated_state_dict
+    from train.commands import load_run_dir_config, run_export
+    from train.model import CustomLanguageModel
+
+    out = tmp_path / "hf"
+    assert run_export(argparse.Namespace(run_dir=str(run_dir), out=str(out), tag=None, tokenizer=None)) == 0
+    policy_sd = consolidated_state_dict(checkpoint_folder(run_dir, None), "policy")
+    cfg = load_run_dir_config(run_dir).model
+    policy = CustomLanguageModel(cfg).eval()
+    policy.load_state_dict(policy_sd, strict=False)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        hf_logits = AutoModelForCausalLM.from_pretrained(out).eval()(idx).logits
+        assert torch.allclose(hf_logits, policy(idx)[0][..., : hf_logits.size(-1)], atol=1e-4)
+    assert (out / "tokenizer.json").is_file()
 
 
 # ----------------------------------------------------------------------------- the real launchers, 2 ranks
