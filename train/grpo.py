@@ -138,6 +138,7 @@ class Rollouts:
         self.n_prompts = self.rows_per_step * g.minibatches // g.group_size
         self.eot = end_of_turn_id(tok)
         self.current: tuple[int, Rollout] | None = None
+        self.times = rollout.IterationTimes()
 
     def get(self, r: int) -> Rollout:
         if self.current is None or self.current[0] != r:
@@ -181,7 +182,8 @@ class Rollouts:
         n_tokens = sum(len(a) for a in answers)
         stats = {"reward": float(scores.mean()), "reward_shaped": float(rewards.mean()),
                  "eot_rate": float(ended.float().mean()), "response_len": n_tokens / len(answers),
-                 "gen_tokens_per_s": n_tokens / max(gen_s, 1e-9), "gen_s": gen_s}  # fmt: skip
+                 "gen_tokens_per_s": n_tokens / max(gen_s, 1e-9), "gen_s": gen_s,
+                 **self.times.made(r, t0, gen_s)}  # fmt: skip
         return Rollout(micro, stats)
 
 
@@ -230,7 +232,8 @@ def make_stage(
         out = {"kl_to_ref": vals[2] / n, "clip_fraction": vals[0] / n, "approx_kl": vals[1] / n,
                "entropy": vals[3] / n}  # fmt: skip
         stats = last.get("stats", {})
-        keys = ["reward", "reward_shaped", "eot_rate", "response_len", "gen_tokens_per_s"]
+        keys = ["reward", "reward_shaped", "eot_rate", "response_len", "gen_tokens_per_s", "gen_s"]
+        keys += [k for k in ("last_iteration_s", "last_gen_share") if k in last.get("stats", {})]  # same on all ranks
         world = engine.world_size
         out |= {k: v / world for k, v in zip(keys, all_reduce_sum([stats.get(k, 0.0) for k in keys]))}
         for k in acc:

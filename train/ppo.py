@@ -208,6 +208,7 @@ class Rollouts:
         self.n_prompts = self.rows_per_step * p.minibatches
         self.eot = end_of_turn_id(tok)
         self.current: tuple[int, Rollout] | None = None
+        self.times = rollout.IterationTimes()
 
     def get(self, r: int) -> Rollout:
         if self.current is None or self.current[0] != r:
@@ -263,7 +264,8 @@ class Rollouts:
         stats = {"reward_raw": float(raw.mean()), "reward": float(score.mean()),
                  "eot_rate": float(ended.float().mean()), "response_len": n_tokens / len(answers),
                  "kl_to_ref": float(kl_all.mean()) if kl_all.numel() else 0.0,
-                 "gen_tokens_per_s": n_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "kl_coef": beta}  # fmt: skip
+                 "gen_tokens_per_s": n_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "kl_coef": beta,
+                 **self.times.made(r, t0, gen_s)}  # fmt: skip
         return Rollout(micro, stats)
 
 
@@ -346,6 +348,7 @@ def make_stage(
         out = {"clip_fraction": vals["clipped"] / n, "approx_kl": vals["approx_kl"] / n, "entropy": vals["entropy"] / n,
                "value_loss": vals["value_loss"] / n, "value_clip_fraction": vals["value_clipped"] / n}  # fmt: skip
         keys = ["reward_raw", "reward", "eot_rate", "response_len", "kl_to_ref", "gen_tokens_per_s", "gen_s"]
+        keys += [k for k in ("last_iteration_s", "last_gen_share") if k in step_of["stats"]]  # the same on every rank
         s = step_of["stats"]
         out |= {k: v / actor.world_size for k, v in zip(keys, all_reduce_sum([s.get(k, 0.0) for k in keys]))}
         out["kl_coef"] = s.get("kl_coef", state["kl_coef"])

@@ -123,6 +123,25 @@ class StopBetweenRollouts:
         return self.requested
 
 
+class IterationTimes:
+    """Wall time of a whole iteration (making a rollout, then its updates) and the share of it
+    spent generating. An iteration's time is known when the next rollout starts, so each
+    rollout's stats carry the previous iteration's (`last_iteration_s`, `last_gen_share`;
+    absent for the first rollout of a process)."""
+
+    def __init__(self):
+        self.prev: tuple[int, float, float] | None = None  # (rollout, start time, generation seconds)
+
+    def made(self, r: int, started: float, gen_s: float) -> dict[str, float]:
+        """Rollout r, begun at `started` (time.time()), generated for gen_s seconds."""
+        out = {}
+        if self.prev is not None and self.prev[0] == r - 1:
+            it = max(started - self.prev[1], 1e-9)
+            out = {"last_iteration_s": it, "last_gen_share": self.prev[2] / it}
+        self.prev = (r, started, gen_s)
+        return out
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (B, T) ids left-padded with pad_id and their 0/1 attention mask."""
     T = max(len(p) for p in prompts)

@@ -67,6 +67,9 @@ def test_grpo_moves_held_out_answers_to_the_reward_and_each_rollouts_first_ratio
     # reward 0.28 -> 0.81, max KL to the reference 0.36.
     assert before["eval_success"] == 0.0 and after["eval_success"] >= 0.9
     assert max(r["kl_to_ref"] for r in steps) < 2.0
+    # each rollout reports the previous iteration's wall time and the share of it spent generating
+    assert "last_gen_share" not in steps[0]
+    assert all(r["last_iteration_s"] > 0 and 0 < r["last_gen_share"] < 1 for r in steps if r["step"] > 4)
 
 
 def test_a_reward_function_that_fails_stops_with_one_line(sft_start, tmp_path):
