@@ -231,11 +231,8 @@ def make_stage(
         n = max(vals[-1], 1.0)
         out = {"kl_to_ref": vals[2] / n, "clip_fraction": vals[0] / n, "approx_kl": vals[1] / n,
                "entropy": vals[3] / n}  # fmt: skip
-        stats = last.get("stats", {})
         keys = ["reward", "reward_shaped", "eot_rate", "response_len", "gen_tokens_per_s", "gen_s"]
-        keys += [k for k in ("last_iteration_s", "last_gen_share") if k in last.get("stats", {})]  # same on all ranks
-        world = engine.world_size
-        out |= {k: v / world for k, v in zip(keys, all_reduce_sum([stats.get(k, 0.0) for k in keys]))}
+        out |= rollout.mean_over_ranks(last.get("stats", {}), keys, engine.world_size)
         for k in acc:
             acc[k] = 0.0
         return out

@@ -348,9 +348,8 @@ def make_stage(
         out = {"clip_fraction": vals["clipped"] / n, "approx_kl": vals["approx_kl"] / n, "entropy": vals["entropy"] / n,
                "value_loss": vals["value_loss"] / n, "value_clip_fraction": vals["value_clipped"] / n}  # fmt: skip
         keys = ["reward_raw", "reward", "eot_rate", "response_len", "kl_to_ref", "gen_tokens_per_s", "gen_s"]
-        keys += [k for k in ("last_iteration_s", "last_gen_share") if k in step_of["stats"]]  # the same on every rank
         s = step_of["stats"]
-        out |= {k: v / actor.world_size for k, v in zip(keys, all_reduce_sum([s.get(k, 0.0) for k in keys]))}
+        out |= rollout.mean_over_ranks(s, keys, actor.world_size)
         out["kl_coef"] = s.get("kl_coef", state["kl_coef"])
         for k in acc:
             acc[k] = 0.0

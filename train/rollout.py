@@ -97,11 +97,7 @@ def gathered(engine):
             p.data.copy_(params[name].data)
     for name, b in module.named_buffers():  # buffers are never partitioned
         replica.get_buffer(name).copy_(b)
-    replica.eval()
-    try:
-        yield replica
-    finally:
-        del replica
+    yield replica.eval()
 
 
 class StopBetweenRollouts:
@@ -140,6 +136,14 @@ class IterationTimes:
             out = {"last_iteration_s": it, "last_gen_share": self.prev[2] / it}
         self.prev = (r, started, gen_s)
         return out
+
+
+def mean_over_ranks(stats: dict[str, float], keys: list[str], world: int) -> dict[str, float]:
+    """The rank mean of each of `keys` in this rank's rollout `stats` (0 where absent), and of
+    the iteration timings (IterationTimes) when the rollout has them (every rank's has, or
+    none's: they follow the rollout number). Collective: every rank calls it."""
+    keys = keys + [k for k in ("last_iteration_s", "last_gen_share") if k in stats]
+    return {k: v / world for k, v in zip(keys, all_reduce_sum([stats.get(k, 0.0) for k in keys]))}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
