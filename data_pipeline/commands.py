@@ -6,6 +6,7 @@
         --valid-fraction 0.02          # -> D/stdlib_train.{bin,idx}, D/stdlib_valid.{bin,idx}
     zerollm merge-datasets OUT PREFIX [PREFIX ...]
     zerollm demo-tasks D/stdlib.jsonl --out D/tasks   # post-training tasks (function bodies)
+    zerollm demo-tasks D/stdlib.jsonl --out D/tasks_line --task line   # (first lines: easier)
 
 Only the standard library and train.errors are imported here; each handler imports the
 stage module it runs (keeps --help fast).
@@ -94,6 +95,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     dt.add_argument("corpus", help="the demo corpus jsonl (zerollm demo-corpus DIR)")
     dt.add_argument("--out", required=True, help="output directory")
     dt.add_argument("--seed", type=int, default=0, help="shuffle and rejected-answer seed")
+    dt.add_argument(
+        "--task",
+        choices=["body", "line"],
+        default="body",
+        help="body: write the function's body; line: only its first statement (easier)",
+    )
     dt.set_defaults(func=run_demo_tasks)
 
 
@@ -187,6 +194,6 @@ def run_demo_corpus(args: argparse.Namespace) -> int:
 def run_demo_tasks(args: argparse.Namespace) -> int:
     from data_pipeline.function_tasks import build_tasks
 
-    counts = build_tasks(args.corpus, args.out, args.seed)
+    counts = build_tasks(args.corpus, args.out, args.seed, args.task)
     log.info("demo tasks: %s (%s)", args.out, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

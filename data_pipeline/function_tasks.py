@@ -1,7 +1,15 @@
-"""A post-training task whose success can be checked: write the body of a stdlib function.
+"""Post-training tasks whose success can be checked, from the stdlib's own sources.
 
-    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks
+    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks              # body
+    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks_line --task line
 
+Two tasks, the same files and prompts (a function's `def` line and docstring):
+
+- `body` (the default): write the function's body; checked by `success` (below).
+- `line`: write its first statement, one line; checked by `line_success` (after the body
+  task's code). Easier: what the 385k-parameter `make demo` model can learn in minutes.
+
+The body task in detail:
 From the demo corpus (the interpreter's own stdlib sources), every short function or
 method with a docstring becomes a task: the prompt is its `def` line and docstring, the
 answer its body (1-4 statements, at most MAX_BODY_CHARS characters), both dedented.
@@ -22,16 +30,26 @@ answer, e.g. `return 0` or `self.x`, succeeds everywhere).
 The rejected answer of a preference pair fails it in one of three seeded ways: the body
 cut mid-way (no longer parses), a trivial body (`pass` and kin), or the body of another
 function that reads none of this one's parameters.
+
+The line task's held-out split is larger (a fifth of the files) and takes at most 4 tasks
+of a file (LINE_PER_FILE), so no one module's parameter names fill it: measured on the
+demo corpus (122 held-out prompts), the best single fixed answer, of every training answer
+and `return f(name)`-like guesses, passes 14% of them (`args = (object, name) + args`).
+Its training split takes at most 8 of a file (tkinter's alone held 204 of 1,308, and the
+SFT model answered `self.tk.call(self._w, ...)` to everything).
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 import json
 import os
 import random
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +59,9 @@ MAX_BODY_CHARS = 160
 MAX_PROMPT_CHARS = 400
 VALID_SHARE = 0.1  # share of source files (hashed) whose functions are held out
 TRIVIAL = ["pass", "...", "return", "return None", "raise NotImplementedError"]
+MAX_LINE_CHARS = 80
+LINE_VALID_SHARE = 0.2
+LINE_PER_FILE = {"train": 8, "valid": 4}  # line tasks of one source file at most
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -83,9 +104,7 @@ def _param_names(fn: ast.FunctionDef) -> set[str]:
     """The parameters a body must read one of: `self` / `cls` count only in a method that has
     no other parameter (else `self.x` would be one fixed answer passing for every method: a
     GRPO run on the demo learned `self.call(self._w)` for 26 of 32 held-out prompts)."""
-    a = fn.args
-    every = [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
-    names = {x.arg for x in every}
+    names = _all_params(fn)
     return (names - {"self", "cls"}) or names
 
 
@@ -165,12 +184,127 @@ def _is_docstring(s: ast.stmt) -> bool:
     return isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
 
 
+# ----------------------------------------------------------------------------- the line task
+
+SIMPLE = (ast.Return, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Raise, ast.Assert)
+OPERATIONS = (
+    *(ast.Call, ast.Attribute, ast.Subscript, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp),
+    *(ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.JoinedStr, ast.Lambda, ast.AugAssign),
+)  # a line that holds one of these does something (`return x` and `a = b` do not)
+BUILTINS = frozenset(dir(builtins))
+
+
+def first_lines_of(source: str) -> list[tuple[str, str]]:
+    """(prompt, first line) for each documented function whose first statement, one line of
+    at most MAX_LINE_CHARS characters, passes `line_success`."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    lines = source.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.body) < 2:
+            continue
+        doc, first = node.body[0], node.body[1]
+        if not _is_docstring(doc) or first.lineno != first.end_lineno:
+            continue
+        head = textwrap.dedent("\n".join(lines[node.lineno - 1 : doc.end_lineno])) + "\n"
+        indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
+        line = lines[first.lineno - 1][indent:] + "\n"
+        if len(line) > MAX_LINE_CHARS or len(head) > MAX_PROMPT_CHARS or "\t" in head + line:
+            continue
+        if line_success(head, line) == 1.0:
+            out.append((head, line))
+    return out
+
+
+def line_success(prompt: str, completion: str) -> float:
+    """1.0 when `completion` is one statement that does something with the function's own
+    parameters: prompt + completion (its complete lines) parses as the one function, whose
+    body after the docstring is exactly one simple statement (`return`, an assignment, a
+    call...), not trivial and not names alone (`return x`, `a = b`: an operation, a call, an
+    attribute or an index is needed), reading a parameter other than `self` / `cls` (a
+    function without one is no task), and at most one name that is neither a parameter, a
+    builtin nor bound in the line (a module global it calls; a guessed list of common
+    parameter names, one fixed answer for many prompts, reads more)."""
+    text = completion if completion.endswith("\n") else completion[: completion.rfind("\n") + 1]
+    try:
+        tree = ast.parse(prompt + text)
+    except (SyntaxError, ValueError):  # ValueError: NUL bytes
+        return 0.0
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return 0.0
+    fn = tree.body[0]
+    stmts = fn.body[1:] if _is_docstring(fn.body[0]) else fn.body
+    if len(stmts) != 1 or not isinstance(stmts[0], SIMPLE) or _trivial(stmts[0]):
+        return 0.0
+    s, params = stmts[0], _all_params(fn)
+    if not any(isinstance(n, OPERATIONS) for n in ast.walk(s)) or not _reads(s, params - {"self", "cls"}):
+        return 0.0
+    return 1.0 if len(_unknown_names(s, params)) <= 1 else 0.0
+
+
+def line_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The batch form PPO / GRPO / DPO call (`data_pipeline.function_tasks:line_reward`)."""
+    return [line_success(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def line_partial_credit(prompt: str, completion: str) -> float:
+    """Shaped `line_success` in [0, 1], 1.0 exactly when it is 1.0: a quarter when the first
+    line, after the prompt, parses as one statement of the function; a quarter more when
+    that line is the whole answer and, by itself, passes every check but reading a
+    parameter; a half for reading a parameter other than `self` / `cls` (the part of the
+    task that depends on the prompt: weighted so that no one fixed answer earns most)."""
+    if line_success(prompt, completion) == 1.0:
+        return 1.0
+    first = completion.split("\n", 1)[0] + "\n"
+    try:
+        tree = ast.parse(prompt + first)
+    except (SyntaxError, ValueError):
+        return 0.0
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef) or len(tree.body[0].body) != 2:
+        return 0.0  # no statement added to the docstring (or dedented code)
+    fn = tree.body[0]
+    s, params = fn.body[1], _all_params(fn)
+    whole = completion[: completion.rfind("\n") + 1] == first  # its complete lines are that one line
+    rest = (whole and isinstance(s, SIMPLE) and not _trivial(s) and any(isinstance(n, OPERATIONS) for n in ast.walk(s))
+            and len(_unknown_names(s, params)) <= 1)  # fmt: skip
+    return 0.25 + 0.25 * rest + 0.5 * _reads(s, params - {"self", "cls"})
+
+
+def line_partial_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The batch form of `line_partial_credit` (`data_pipeline.function_tasks:line_partial_reward`)."""
+    return [line_partial_credit(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _all_params(fn: ast.FunctionDef) -> set[str]:
+    """Every parameter's name, `self` / `cls` included."""
+    a = fn.args
+    every = [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
+    return {x.arg for x in every}
+
+
+def _unknown_names(s: ast.stmt, params: set[str]) -> set[str]:
+    """Names `s` reads that are not parameters, builtins or bound in `s` (targets, loop and
+    lambda variables)."""
+    walk = list(ast.walk(s))
+    bound = {n.id for n in walk if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    bound |= {a.arg for n in walk if isinstance(n, ast.Lambda) for a in [*n.args.args, *n.args.kwonlyargs]}
+    read = {n.id for n in walk if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return read - params - bound - BUILTINS
+
+
 # ----------------------------------------------------------------------------- files
 
 
-def rejected_for(prompt: str, body: str, others: list[str], rng: random.Random) -> str:
-    """A body for `prompt` that fails `success`: cut, trivial, or another function's."""
-    kinds = ["cut", "trivial", "other"]
+def rejected_for(
+    prompt: str, body: str, others: list[str], rng: random.Random, check=None, kinds=("cut", "trivial", "other")
+) -> str:
+    """An answer for `prompt` that fails `check` (`success`): cut, trivial, another function's,
+    or (kind "bare") a parameter's name alone."""
+    check = check or success
+    kinds = list(kinds)
     rng.shuffle(kinds)
     for kind in kinds:
         if kind == "cut":
@@ -178,15 +312,38 @@ def rejected_for(prompt: str, body: str, others: list[str], rng: random.Random) 
             cand = cut.rstrip() + "\n"
         elif kind == "trivial":
             cand = f"    {rng.choice(TRIVIAL)}\n"
+        elif kind == "bare":
+            fn = ast.parse(prompt + "    pass\n").body[0]
+            cand = f"    return {min(_all_params(fn) - {'self', 'cls'} or {'self'})}\n"
         else:
             cand = rng.choice(others)
-        if cand != body and success(prompt, cand) == 0.0:
+        if cand != body and check(prompt, cand) == 0.0:
             return cand
     return "    pass\n"
 
 
-def build_tasks(corpus: str | Path, out_dir: str | Path, seed: int = 0) -> dict[str, int]:
-    """Write the six task files (atomically) from a demo-corpus jsonl; returns rows per file."""
+@dataclass(frozen=True)
+class Task:
+    """How `build_tasks` makes one task's files."""
+
+    extract: Callable[[str], list[tuple[str, str]]]  # a module's source -> (prompt, answer)s
+    check: Callable[[str, str], float]  # (prompt, completion) -> 1.0 / 0.0; every chosen answer passes
+    valid_share: float  # share of source files (hashed) held out
+    per_file: dict[str, int] | None  # train / valid tasks of one source file at most (None: all)
+    rejects: tuple[str, ...]  # kinds of rejected answers (`rejected_for`)
+
+
+TASKS = {
+    "body": Task(functions_of, success, VALID_SHARE, None, ("cut", "trivial", "other")),
+    "line": Task(first_lines_of, line_success, LINE_VALID_SHARE, LINE_PER_FILE, ("cut", "trivial", "other", "bare")),
+}
+
+
+def build_tasks(corpus: str | Path, out_dir: str | Path, seed: int = 0, task: str = "body") -> dict[str, int]:
+    """Write one task's six files (atomically) from a demo-corpus jsonl; returns rows per file."""
+    if task not in TASKS:
+        raise ZeroLLMError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    spec = TASKS[task]
     corpus = Path(corpus)
     if not corpus.is_file():
         raise ZeroLLMError(f"{corpus}: not found (make it with `zerollm demo-corpus DIR`)")
@@ -197,8 +354,8 @@ def build_tasks(corpus: str | Path, out_dir: str | Path, seed: int = 0) -> dict[
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ZeroLLMError(f"{corpus}: line {n}: expected a JSON object with a 'text' field") from None
-            part = "valid" if _hash01(text[:2000]) < VALID_SHARE else "train"
-            split[part] += functions_of(text)
+            part = "valid" if _hash01(text[:2000]) < spec.valid_share else "train"
+            split[part] += spec.extract(text)[: spec.per_file[part] if spec.per_file else None]
     if not split["train"] or not split["valid"]:
         raise ZeroLLMError(f"{corpus}: found too few short documented functions for the tasks")
     rng = random.Random(seed)
@@ -208,7 +365,8 @@ def build_tasks(corpus: str | Path, out_dir: str | Path, seed: int = 0) -> dict[
         bodies = [b for _, b in items]
         files[f"sft_{part}"] = [{"prompt": p, "response": b} for p, b in items]
         files[f"prefs_{part}"] = [
-            {"prompt": p, "chosen": b, "rejected": rejected_for(p, b, bodies, rng)} for p, b in items
+            {"prompt": p, "chosen": b, "rejected": rejected_for(p, b, bodies, rng, spec.check, spec.rejects)}
+            for p, b in items
         ]
         files[f"prompts_{part}"] = [{"prompt": p} for p, _ in items]
     out = Path(out_dir)

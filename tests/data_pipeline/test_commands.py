@@ -45,6 +45,10 @@ def test_demo_pipeline_cli(tmp_path):
     for split in ("train", "valid"):
         for ext in ("bin", "idx", "meta.json"):
             assert (d / f"stdlib_{split}.{ext}").is_file()
+    r = zerollm("demo-tasks", str(d / "stdlib.jsonl"), "--out", str(d / "tasks_line"), "--task", "line")
+    assert r.returncode == 0, r.stderr
+    assert all((d / "tasks_line" / f"{kind}_{split}.jsonl").stat().st_size for kind in ("sft", "prefs", "prompts")
+               for split in ("train", "valid"))  # fmt: skip
     r = zerollm("merge-datasets", str(d / "all"), str(d / "stdlib_train"), str(d / "stdlib_valid"))
     assert r.returncode == 0, r.stderr
     meta = json.loads((d / "all.meta.json").read_text())

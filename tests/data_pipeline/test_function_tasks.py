@@ -6,7 +6,20 @@ import json
 
 import pytest
 
-from data_pipeline.function_tasks import build_tasks, functions_of, partial_credit, partial_reward, reward, success
+from data_pipeline.function_tasks import (
+    LINE_PER_FILE,
+    build_tasks,
+    first_lines_of,
+    functions_of,
+    line_partial_credit,
+    line_partial_reward,
+    line_reward,
+    line_success,
+    partial_credit,
+    partial_reward,
+    reward,
+    success,
+)
 from train.errors import ZeroLLMError
 
 PROMPT = 'def area(w, h):\n    """The area of a w x h rectangle."""\n'
@@ -126,3 +139,99 @@ def test_a_bad_corpus_line_is_one_error_naming_the_file_and_line(tmp_path):
     with pytest.raises(ZeroLLMError, match=r"c\.jsonl: line 2: .*'text'"):
         build_tasks(corpus, tmp_path / "tasks")
     assert not (tmp_path / "tasks").exists()
+
+
+# ----------------------------------------------------------------------------- the line task
+
+
+@pytest.mark.parametrize(
+    ("completion", "ok"),
+    [
+        ("    return w * h\n", 1.0),
+        ("    area = w * h\n<|im_end|", 1.0),  # the text after the last complete line is not code
+        ("    return len(w)\n", 1.0),  # a builtin is no unknown name
+        ("    return math.sqrt(w)\n", 1.0),  # one module global (unknown) is allowed
+        ("    return [x * w for x in h]\n", 1.0),  # a loop variable is bound in the line
+        ("    return w\n", 0.0),  # names alone: no operation
+        ("    a = h\n", 0.0),
+        ("    return w *\n", 0.0),  # does not parse
+        ("    return w * h\n    return h\n", 0.0),  # one statement, not two
+        ("    if w:\n", 0.0),
+        ("    pass\n", 0.0),
+        ("    return len(0)\n", 0.0),  # reads no parameter
+        ("    return f(w, name, key)\n", 0.0),  # guesses of parameter names: more than one unknown name
+        ("", 0.0),
+    ],
+)
+def test_line_success_accepts_one_statement_that_does_something_with_a_parameter(completion, ok):
+    assert line_success(PROMPT, completion) == ok
+
+
+def test_line_success_refuses_self_alone_and_methods_without_another_parameter():
+    method = 'def scale(self, factor):\n    """Scale by factor."""\n'
+    assert line_success(method, "    return self.call(self._w)\n") == 0.0
+    assert line_success(method, "    self.size *= factor\n") == 1.0
+    only_self = 'def close(self):\n    """Close it."""\n'
+    assert line_success(only_self, "    self._file.close()\n") == 0.0  # `self.x()` would pass everywhere
+
+
+def test_line_reward_is_line_success_per_row():
+    assert line_reward([PROMPT, PROMPT], ["    return h * w\n", "    return h\n"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("completion", "credit"),
+    [
+        ("    return w * h\n", 1.0),
+        ("    return w * h\n    x = (\n", 0.75),  # a good first line, then noise: not the whole answer
+        ("    return len(0)\n", 0.5),  # every check but reading a parameter
+        ("    return f(w, name, key)\n", 0.75),  # reads w, but guesses two more names
+        ("    return w\n", 0.75),  # reads w, names alone
+        ("    pass\n", 0.25),  # parses, nothing more
+        ("    return w *\n", 0.0),  # does not parse
+        ("\n", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_line_partial_credit_weighs_reading_a_parameter_half(completion, credit):
+    assert line_partial_credit(PROMPT, completion) == credit
+
+
+@pytest.mark.parametrize(
+    "completion",
+    ["    return w * h\n", "    return w * h\n\n", "    return w * h\n<|im_end|", "    return w * h", "    return w\n",
+     "    return w * h\n    return h\n", "    return f(w, name, key)\n", "    if w:\n", "", "\n"],
+)  # fmt: skip
+def test_line_partial_credit_is_full_exactly_when_the_line_check_passes(completion):
+    assert (line_partial_credit(PROMPT, completion) == 1.0) == (line_success(PROMPT, completion) == 1.0)
+
+
+def test_line_partial_reward_is_line_partial_credit_per_row():
+    assert line_partial_reward([PROMPT, PROMPT], ["    return h * w\n", "    pass\n"]) == [1.0, 0.25]
+
+
+def test_first_lines_are_tasks_only_where_the_real_line_passes():
+    found = dict(first_lines_of(MODULE))
+    volume = 'def volume(self, depth):\n    """Volume of the box."""\n'
+    assert found == {PROMPT: "    return w * h\n", volume: "    d = depth or 1\n"}  # not todo (trivial), constant
+
+
+def test_line_task_files_cap_the_tasks_of_each_module_and_rejected_lines_fail(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    per_doc = LINE_PER_FILE["train"] + 3
+    many = "".join(f'def f{k}(x{k}):\n    """Doc {k}."""\n    return x{k} + {k}\n\n\n' for k in range(per_doc))
+    docs = [many.replace("def f", f"def g{i}_") for i in range(30)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    counts = build_tasks(corpus, tmp_path / "tasks", task="line")
+    held_out_docs, rest = divmod(counts["sft_valid"], LINE_PER_FILE["valid"])
+    assert held_out_docs > 0 and rest == 0 and counts["sft_train"] == (30 - held_out_docs) * LINE_PER_FILE["train"]
+    for part in ("train", "valid"):
+        prefs = [json.loads(line) for line in (tmp_path / "tasks" / f"prefs_{part}.jsonl").open()]
+        assert prefs and all(line_success(p["prompt"], p["chosen"]) == 1.0 for p in prefs)
+        assert all(line_success(p["prompt"], p["rejected"]) == 0.0 for p in prefs)
+
+
+def test_an_unknown_task_is_one_error(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": MODULE}) + "\n")
+    with pytest.raises(ZeroLLMError, match="task 'lines': expected one of body, line"):
+        build_tasks(tmp_path / "c.jsonl", tmp_path / "tasks", task="lines")
