@@ -87,6 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--pg_timeout", type=float, default=600.0, help="s for every process group's collectives")
     g.add_argument("--stop_grace", type=float, default=120.0, help="s for a graceful stop before a kill")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="check and print only")
+    p.add_argument("--skip_memory_check", "--skip-memory-check", action="store_true",
+                   help="launch even when the memory estimate says it will not fit")  # fmt: skip
     p.add_argument("--verbose", action="store_true",
                    help="show DeepSpeed's and torch's output too (always in RUN_DIR/logs/launch-JOB.log)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -106,6 +108,7 @@ class Plan:
     run_dir: Path
     multi_node: bool
     env: dict[str, str] = field(default_factory=dict)  # for every rank, beyond os.environ
+    estimate: str = ""  # the memory/time estimate's table, printed and at the top of the launch log
 
 
 def run_launch(args: argparse.Namespace) -> int:
@@ -137,8 +140,13 @@ def run_launch(args: argparse.Namespace) -> int:
     print(f"zerollm launch: job {job_id}, world size {plan.world_size} on {', '.join(plan.active)}", flush=True)
     print(f"zerollm launch: {shlex.join(cmd)}", flush=True)
     output = plan.run_dir / "logs" / f"launch-{job_id}.log"
+    if plan.estimate:
+        print(plan.estimate, flush=True)
     if args.dry_run:
         return 0
+    if plan.estimate:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(plan.estimate + "\n")
     shown = "shown here too" if args.verbose else "--verbose shows it here"
     print(f"zerollm launch: DeepSpeed's and torch's own output: {output} ({shown})", flush=True)
     if plan.multi_node:
@@ -195,8 +203,10 @@ def preflight(args: argparse.Namespace) -> Plan:
     active = hf.select(hosts, args.include, args.exclude, args.num_nodes, args.num_gpus)
     world_size = sum(len(s) for s in active.values())
     multi_node = args.launcher == "slurm" or (path is not None and len(active) > 1)
-    load_ds_config(args.ds_config, cfg, world_size)  # batch arithmetic for this world size
+    ds = load_ds_config(args.ds_config, cfg, world_size)  # batch arithmetic for this world size
     _check_inputs(stage, cfg)
+    ranks_per_node = max(len(s) for s in active.values())
+    estimate_table = _memory_check(args, cfg, ds, world_size, ranks_per_node)
 
     master_addr = args.master_addr or hf.resolve(next(iter(active)))
     if not re.match(r"^[A-Za-z0-9_.:-]+$", master_addr):
@@ -219,7 +229,27 @@ def preflight(args: argparse.Namespace) -> Plan:
             if not shutil.which("pdsh"):
                 raise ZeroLLMError("--launcher pdsh: pdsh is not installed on this node (apt-get install pdsh)")
     return Plan(module, world_size, active, path, master_addr, master_port, Path(cfg.logging.run_dir),
-                multi_node, env)  # fmt: skip
+                multi_node, env, estimate_table)  # fmt: skip
+
+
+def _memory_check(args: argparse.Namespace, cfg, ds: dict, world: int, ranks_per_node: int) -> str:
+    """The memory/time estimate's table (train/estimate.py); a run that would not fit in the
+    device memory stops here, before any rank starts, with the changes that would fit."""
+    from train.estimate import device_budget, estimate, not_fitting_error
+
+    if args.stage not in STAGES or args.module:
+        return ""
+    import torch
+
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        budget, source = device_budget(kind, ranks_per_node, None)
+        est = estimate(cfg, ds, world, args.stage, kind, budget, cfg.logging.peak_flops or None)
+    except Exception as e:  # noqa: BLE001 (an estimate that cannot be made never blocks a launch)
+        return f"zerollm launch: no memory estimate ({type(e).__name__}: {e})"
+    if not est.fits and not args.skip_memory_check:
+        raise ZeroLLMError(not_fitting_error(est, f"{args.config} with {args.ds_config}"))
+    return f"zerollm launch: estimate (device memory: {source}; `zerollm estimate` for other sizes)\n{est.table()}"
 
 
 def import_stage(module: str, stage: str = "") -> types.ModuleType:
@@ -356,6 +386,8 @@ def _run_slurm(args: argparse.Namespace, plan: Plan, job_id: str) -> int:
         f"--stop_grace={args.stop_grace:g}", "--", *node_cmd,
     ]  # fmt: skip
     print(f"zerollm launch: slurm job {job}, restart count {restart}, world size {plan.world_size}", flush=True)
+    if plan.estimate:
+        print(plan.estimate, flush=True)
     print(f"zerollm launch: {shlex.join(srun)}", flush=True)
     print(f"zerollm launch: rank logs in {logs}/slurm-{job}-restart{restart}-node*.log", flush=True)
     if args.dry_run:

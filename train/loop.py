@@ -35,6 +35,7 @@ from train.checkpoint import fault_point
 from train.config import RunConfig
 from train.engine import SHM_BUFFERS_REMOVED, all_reduce_sum, set_lr, to_device
 from train.errors import EXIT_BAD_LOSS, EXIT_OK, EXIT_PREEMPTED
+from train.memory import stage_growth
 from train.schedule import lr_at
 
 log = logging.getLogger("zerollm")
@@ -96,7 +97,7 @@ def train(engine, stage: Stage, cfg: RunConfig, ckpt, state: dict[str, Any], sto
                 engine.step()  # the update (DeepSpeed's own optimizers skip non-finite grads themselves)
         fault_point("step", rank, step + 1)
         total_loss, _ = all_reduce_sum([loss_sum, 0.0])
-        rank_log.write({"step": step + 1, "loss_local": loss_sum / max(1, local_units)})
+        rank_log.write({"step": step + 1, "loss_local": loss_sum / max(1, local_units), "peak_growth": stage_growth()})
         state["step"] = step + 1
         state["consumed_samples"] += stage.samples_per_step
         if any_bad:

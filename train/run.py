@@ -46,6 +46,7 @@ from train.checkpoint import Checkpointer
 from train.config import RunConfig, load_run_config, parse_overrides
 from train.engine import build_engine, init_distributed, resolve_ds_config
 from train.errors import EXIT_BAD_INPUT, ZeroLLMError
+from train.memory import start_stage_probe
 from train.metrics import Metrics
 
 log = logging.getLogger("zerollm")
@@ -110,6 +111,7 @@ def start(args: argparse.Namespace, sections: dict[str, type] | None = None) -> 
     cfg = load_run_config(args.config, parse_overrides(args.set), sections)
     stop = GracefulStop()
     rank, world = init_distributed()
+    start_stage_probe()  # peak memory from here on: what `zerollm estimate` predicts
     setup_logging(rank)
     ds = resolve_ds_config(args.deepspeed_config, cfg, world)
     return Run(cfg, ds, rank, world, stop)
