@@ -255,7 +255,9 @@ def line_partial_credit(prompt: str, completion: str) -> float:
     line, after the prompt, parses as one statement of the function; a quarter more when
     that line is the whole answer and, by itself, passes every check but reading a
     parameter; a half for reading a parameter other than `self` / `cls` (the part of the
-    task that depends on the prompt: weighted so that no one fixed answer earns most)."""
+    task that depends on the prompt). Measured: not enough. A demo GRPO run (1.5M-parameter
+    model, 24 steps) on it went to fixed answers that earn the first half on every method
+    (`self.name = self.path.get()`, 9 of 32 held-out prompts; shaped 0.36 -> 0.34, strict 0 -> 0)."""
     if line_success(prompt, completion) == 1.0:
         return 1.0
     first = completion.split("\n", 1)[0] + "\n"
