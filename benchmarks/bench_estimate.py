@@ -10,7 +10,9 @@ without activation checkpointing, on 1 or 2 ranks. Every rank writes its peak me
 over its start (`train.memory`: peak RSS on CPU, max_memory_allocated on a GPU) to
 RUN/ranks/rank<r>.jsonl (ZEROLLM_RANK_LOG=1); the table shows the estimate
 (`train.estimate.estimate`, the same call as `zerollm estimate`), the measured peak of the
-rank that used most and the ratio. Target: every row within 15% on CPU.
+rank that used most and the ratio; then the time estimate per step (MFU 1.0 of this machine's
+measured fp32 matmul rate on one thread, the estimate's default without a peak) beside the
+measured median step time. Target: every memory row within 15% on CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 VOCAB = 8192
 SIZES = {  # name -> model fields (8192-token vocabulary, GPT-2 style)
+    "tiny": {"n_layer": 2, "n_head": 4, "d_model": 64},  # 0.6M parameters: the runtime's own memory shows
     "small": {"n_layer": 4, "n_head": 6, "d_model": 384},  # 10.4M parameters
     "medium": {"n_layer": 8, "n_head": 8, "d_model": 512},  # 29.5M parameters
 }
@@ -82,12 +85,19 @@ def measure(config: Path, ds: Path, ranks: int, run_dir: Path) -> list[int]:
     return peaks
 
 
-def estimated(config: Path, ds: Path, ranks: int) -> float:
+def estimated(config: Path, ds: Path, ranks: int):
     from train.config import load_ds_config, load_run_config
     from train.estimate import estimate
 
     cfg = load_run_config(str(config))
-    return estimate(cfg, load_ds_config(str(ds), cfg, ranks), ranks, "pretrain", "cpu", timed=False).peak_bytes
+    return estimate(cfg, load_ds_config(str(ds), cfg, ranks), ranks, "pretrain", "cpu")
+
+
+def step_seconds(run_dir: Path) -> float:
+    """Median wall time of the steps after the first (metrics.jsonl's per-step rate)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = sorted(1 / r["samples_per_s"] for r in rows if r.get("step", 0) > 1 and r.get("samples_per_s"))
+    return times[len(times) // 2] if times else float("nan")
 
 
 def main() -> None:
@@ -101,12 +111,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): the matmul rate the time estimate uses
     work = Path(tempfile.mkdtemp(prefix="bench_estimate_"))
     tokens = work / "tokens"
     write_tokens(tokens)
     rows = []
-    print("| model | ZeRO | act. ckpt | ranks | estimate GB | measured GB (max rank) | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | ZeRO | act. ckpt | ranks | estimate GB | measured GB (max rank) | ratio | est. s/step | s/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in args.sizes.split(","):
         for stage in map(int, args.stages.split(",")):
             for ckpt in map(int, args.ckpt.split(",")):
@@ -117,13 +130,15 @@ def main() -> None:
                     ds = REPO / "ds_configs" / f"zero{stage}.json"
                     t0 = time.time()
                     peaks = measure(cfg, ds, ranks, work / name)
-                    est = estimated(cfg, ds, ranks)
+                    e = estimated(cfg, ds, ranks)
+                    est, step_s = e.peak_bytes, step_seconds(work / name) * args.micro_batch * ranks
                     row = {"size": size, "stage": stage, "ckpt": ckpt, "ranks": ranks, "estimate": est,
-                           "measured": peaks, "ratio": est / max(peaks), "s": time.time() - t0}  # fmt: skip
+                           "measured": peaks, "ratio": est / max(peaks), "est_step_s": e.step_s,
+                           "step_s": step_s, "s": time.time() - t0}  # fmt: skip
                     rows.append(row)
                     print(f"| {size} | {stage} | {'on' if ckpt else 'off'} | {ranks} | {est / 1e9:.3f} | "
                           f"{max(peaks) / 1e9:.3f} ({', '.join(f'{x / 1e9:.3f}' for x in peaks)}) | "
-                          f"{row['ratio']:.3f} |", flush=True)  # fmt: skip
+                          f"{row['ratio']:.3f} | {e.step_s:.2f} | {step_s:.2f} |", flush=True)  # fmt: skip
     worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
     within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
     print(f"\n{within}/{len(rows)} rows within 15%; worst ratio {worst['ratio']:.3f} "

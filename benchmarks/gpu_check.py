@@ -158,6 +158,7 @@ def summarise(step: str, work: Path, mode: str, peak_tflops: float) -> tuple[dic
     n, first, last = len(rows), rows[0]["loss"], rows[-1]["loss"]
     v = {"steps": rows[-1]["step"], "loss_first": first, "loss_last": last}
     v["memory_gb"] = max(r["memory_gb"] for r in rows)
+    v |= memory_estimate(step, work, mode, v["memory_gb"])
     bad: list[str] = []
     if not all(math.isfinite(r["loss"]) for r in rows):
         bad.append("non-finite loss")
@@ -218,6 +219,40 @@ def summarise(step: str, work: Path, mode: str, peak_tflops: float) -> tuple[dic
     return v, text, bad
 
 
+def memory_estimate(step: str, work: Path, mode: str, measured_gib: float) -> dict:
+    """`zerollm estimate`'s peak for this step's run beside the measured one. On a GPU the
+    measured value is max_memory_allocated (from 0 at the start): the ratio is the check
+    (target within 10%). On CPU (smoke) memory_gb is the whole process's peak RSS, so only the
+    estimate is shown (benchmarks/bench_estimate.py compares CPU runs properly)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from launch.launcher import STAGES, import_stage
+        from train.config import load_ds_config, load_run_config
+        from train.estimate import estimate
+
+        stage = {"a": "pretrain", "b": "pretrain"}.get(step, step)
+        module = import_stage(STAGES[stage], stage)
+        cfg = load_run_config(
+            str(work / "configs" / f"{step}.yaml"), extra_sections=getattr(module, "CONFIG_SECTIONS", None)
+        )
+        ds = load_ds_config(str(Path(__file__).resolve().parents[1] / DS[step]), cfg, 1)
+        kind = "cuda" if mode == "gpu" else "cpu"
+        est = estimate(cfg, ds, 1, stage, kind, None, timed=False).peak_bytes / 2**30
+    except Exception as e:  # noqa: BLE001 (the estimate is reported, never the reason a step fails)
+        return {"memory_estimate_error": f"{type(e).__name__}: {e}"}
+    out = {"memory_estimate_gb": est}
+    if mode == "gpu" and measured_gib:
+        out["memory_estimate_ratio"] = est / measured_gib
+    return out
+
+
+def memory_text(v: dict) -> str:
+    if "memory_estimate_gb" not in v:
+        return f"; memory estimate failed ({v.get('memory_estimate_error')})"
+    ratio = v.get("memory_estimate_ratio")
+    return f"; memory estimate {num(v['memory_estimate_gb'])} GiB" + (f" ({ratio:.2f}x measured)" if ratio else "")
+
+
 def table(mode: str, work: Path, peak_tflops: float, elapsed: float | None = None) -> int:
     results, failed = [], []
     lines = [f"{'row':<5} {'check':<44} {'status':<8} {'wall_s':>7}  result"]
@@ -233,6 +268,8 @@ def table(mode: str, work: Path, peak_tflops: float, elapsed: float | None = Non
                 values, note, bad = summarise(step, work, mode, peak_tflops)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 status, bad, note = "failed", [f"unreadable result: {e}"], ""
+            if step != "data":
+                note += memory_text(values)
             if bad:
                 status = "failed"
                 note = f"CHECK FAILED: {'; '.join(bad)}; {note}"

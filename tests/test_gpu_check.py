@@ -50,6 +50,8 @@ def test_smoke_mode_runs_every_step_and_prints_every_row(tmp_path):
     assert 0 < c["gen_share"] < 1 and c["gen_tokens_per_s"] > 0 and c["rollouts"] == 2
     for row in ("d1", "d2"):
         assert got[row]["steps"] == 2 and isinstance(got[row]["loss_last"], float)
+    for row in ("a", "b", "c", "d1", "d2"):  # zerollm estimate of each run (compared with the measured on a GPU)
+        assert got[row]["memory_estimate_gb"] > 0, got[row]
     for step in ("data", "a", "b", "ppo", "sft", "reward"):
         assert (work / "logs" / f"{step}.log").is_file()
 

@@ -101,23 +101,39 @@ class Estimate:
         width = max(len(f"{p.role}: {p.what}") for p in self.parts)
         for p in self.parts:
             where = " (host)" if p.where == "host" else ""
+            phase = "" if p.phase == "always" else f" [{PHASES[p.phase]}]"
             note = f"  {p.note}" if p.note else ""
-            lines.append(f"  {f'{p.role}: {p.what}':<{width}}  {p.bytes / GB:9.3f} GB{where}{note}")
+            lines.append(f"  {f'{p.role}: {p.what}':<{width}}  {p.bytes / GB:9.3f} GB{where}{phase}{note}")
         budget = f" of {self.device_bytes / GB:.1f} GB" if self.device_bytes else ""
         verdict = "" if self.device_bytes is None else ("  fits" if self.fits else "  DOES NOT FIT")
-        lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GB:9.3f} GB{budget}{verdict}")
+        rule = PEAK_RULE[self.device_kind]
+        lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GB:9.3f} GB{budget}{verdict}  ({rule})")
         if self.host_bytes:
             lines.append(f"  {'host (offloaded)':<{width}}  {self.host_bytes / GB:9.3f} GB")
         if self.step_s is not None:
-            lines.append(f"time: {self.step_s:.3g} s per step, {_duration(self.run_s)} for the run ({self.time_note})")
+            lines.append(
+                f"time: {_duration(self.step_s)} per step, {_duration(self.run_s)} for the run ({self.time_note})"
+            )
+        elif self.time_note:
+            lines.append(f"time: {self.time_note}")
         if self.advice:
             lines.append("would fit with: " + "; or ".join(self.advice))
         return "\n".join(lines)
 
 
+PHASES = {"fwdbwd": "forward/backward", "step": "optimizer step", "rollout": "rollout"}
+PEAK_RULE = {
+    "cuda": "all lines without a [phase] + the largest phase",
+    "cpu": "all lines without a [phase] + forward/backward + the larger of step and rollout: the CPU heap keeps "
+    "what backward freed",
+}
+
+
 def _duration(s: float | None) -> str:
     if s is None:
         return "?"
+    if s < 1:
+        return f"{1000 * s:.3g} ms"
     if s < 120:
         return f"{s:.0f} s"
     if s < 7200:
@@ -254,8 +270,8 @@ def role_parts(role: Role, ds: dict[str, Any], world: int, wbytes: int, device_k
     opt_where = "host" if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme") else "device"
     param_where = "host" if (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme") else "device"
     r, parts = role.name, []
-    if role.trains and stage != 2 and world > 1 and device_kind == "cpu":
-        # measured: stages 0, 1 and 3 move gradients through it; stage 2's reduce-scatter does not
+    if role.trains and stage == 3 and world > 1 and device_kind == "cpu":
+        # measured: ZeRO-3's runs on several CPU ranks touch them all; stages 0-2 showed no such term
         parts.append(Part(r, "shared-memory all-reduce buffers", SHM_ALLREDUCE_TOUCHED * min(world, 8),
                           note="DeepSpeed's CPU all-reduce: its own and its peers' pages"))  # fmt: skip
     if stage == 3:
@@ -342,8 +358,16 @@ def estimate(
     checkpointing = bool(
         t.activation_checkpointing or cfg.model.activation_checkpointing or "activation_checkpointing" in ds
     )
+    stage_n = int((ds.get("zero_optimization") or {}).get("stage", 0))
     for role in trained:  # one trains at a time (PPO: actor, then critic), but both leave heap behind on CPU
-        saved, transient, note = activation_bytes(role.config, batch, seq, dtype, device_kind, checkpointing)
+        # CPU, ZeRO-0/1: backward makes each parameter's gradient between the recomputed blocks'
+        # activations, so the heap grows to the un-checkpointed size (measured; a GPU frees them)
+        interleaved = checkpointing and device_kind == "cpu" and stage_n <= 1
+        saved, transient, note = activation_bytes(
+            role.config, batch, seq, dtype, device_kind, checkpointing and not interleaved
+        )
+        if interleaved:
+            note += ", checkpointed blocks (no saving in a CPU heap at ZeRO-0/1)"
         parts.append(Part(role.name, "activations", saved, note=f"micro batch {batch} x {seq}, {note}", phase="fwdbwd"))
         parts.append(Part(role.name, "logits and loss", transient, phase="fwdbwd"))
     if gen is not None:
@@ -358,7 +382,9 @@ def estimate(
     host = sum(p.bytes for p in parts if p.where == "host")
     est = Estimate(parts, peak, host, device_kind, device_bytes, world)
     if timed:
-        _add_time(est, cfg, roles, seq, world, peak_flops, mfu, device_kind)
+        _add_time(est, cfg, roles, seq, world, peak_flops, mfu, device_kind, checkpointing)
+        if gen is not None and est.step_s is not None:
+            est.time_note += "; rollout generation not included"
     if not est.fits:
         est.advice = fitting_changes(cfg, ds, world, stage, device_kind, device_bytes)
     return est
@@ -430,10 +456,21 @@ def _source_config(path: str, fallback: ModelConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------- time
 
 
-def _add_time(est, cfg, roles, seq, world, peak_flops, mfu, device_kind) -> None:
+def step_flops_per_token(roles: list[Role], seq: int, checkpointing: bool) -> float:
+    """Training FLOPs per token of one step: each trained role's flops_per_token (forward +
+    backward), x 4/3 with activation checkpointing (the forward runs again in backward), and
+    each frozen role's forward (a third). Rollout generation is not counted."""
+    total = 0.0
+    for r in roles:
+        f = CustomLanguageModel.flops_per_token(_Shape(r.config), seq)
+        total += f * (4 / 3 if checkpointing else 1.0) if r.trains else f / 3
+    return total
+
+
+def _add_time(est, cfg, roles, seq, world, peak_flops, mfu, device_kind, checkpointing) -> None:
     t = cfg.train
     tokens = t.micro_batch_size * t.grad_accum_steps * seq * world
-    flops = sum(CustomLanguageModel.flops_per_token(_Shape(r.config), seq) for r in roles if r.trains) * tokens
+    flops = step_flops_per_token(roles, seq, checkpointing) * tokens
     if peak_flops:
         mfu = mfu or DEFAULT_MFU
         est.time_note = f"{flops / tokens:.3g} FLOPs/token at MFU {mfu:.2f} of {peak_flops / 1e12:g} TFLOP/s per rank"
