@@ -91,6 +91,7 @@ class Estimate:
     run_s: float | None = None
     time_note: str = ""
     advice: list[str] = field(default_factory=list)  # smallest changes that would fit, in order
+    notes: list[str] = field(default_factory=list)  # what the estimate could not read
 
     @property
     def fits(self) -> bool:
@@ -118,6 +119,7 @@ class Estimate:
             lines.append(f"time: {self.time_note}")
         if self.advice:
             lines.append("would fit with: " + "; or ".join(self.advice))
+        lines += [f"note: {n}" for n in dict.fromkeys(self.notes)]
         return "\n".join(lines)
 
 
@@ -183,9 +185,12 @@ def flash_attention(device_kind: str, dropout: float) -> bool:
     return device_kind == "cuda" or dropout == 0.0
 
 
-def saved_activation_bytes(model: ModelConfig, batch: int, seq: int, dtype: torch.dtype, flash: bool) -> int:
+def saved_activation_bytes(
+    model: ModelConfig, batch: int, seq: int, dtype: torch.dtype, flash: bool, lm_head: bool = True
+) -> int:
     """Bytes autograd saves in one training forward (with the loss), parameters excluded:
-    the model is built and run on the meta device; tensors sharing storage count once."""
+    the model is built and run on the meta device; tensors sharing storage count once.
+    lm_head=False: the trunk only (a reward model or critic reads a scalar head instead)."""
     cfg = dataclasses.replace(model, activation_checkpointing=False, max_seq_len=max(model.max_seq_len, seq))
     with torch.device("meta"):
         m = CustomLanguageModel(cfg).to(dtype)
@@ -201,12 +206,18 @@ def saved_activation_bytes(model: ModelConfig, batch: int, seq: int, dtype: torc
 
     idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     with _attention_kernel(flash), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m(idx, idx)
+        m(idx, idx) if lm_head else m.hidden_states(idx)
     return sum(seen.values())
 
 
 def activation_bytes(
-    model: ModelConfig, batch: int, seq: int, dtype: torch.dtype, device_kind: str, checkpointing: bool
+    model: ModelConfig,
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    device_kind: str,
+    checkpointing: bool,
+    lm_head: bool = True,
 ) -> tuple[int, int, str]:
     """(saved for backward, loss transient, note) of one micro batch.
 
@@ -215,15 +226,15 @@ def activation_bytes(
     recomputed in backward). Transient: the logits (model dtype) and, at the start of
     backward, the gradients of the fp32 log-softmax and of the logits."""
     flash = flash_attention(device_kind, model.dropout)
-    one = saved_activation_bytes(dataclasses.replace(model, n_layer=1), batch, seq, dtype, flash)
-    two = saved_activation_bytes(dataclasses.replace(model, n_layer=2), batch, seq, dtype, flash)
+    one = saved_activation_bytes(dataclasses.replace(model, n_layer=1), batch, seq, dtype, flash, lm_head)
+    two = saved_activation_bytes(dataclasses.replace(model, n_layer=2), batch, seq, dtype, flash, lm_head)
     per_block, rest = two - one, 2 * one - two
     width = torch.empty((), dtype=dtype).element_size()
     if checkpointing:
         saved = rest + model.n_layer * batch * seq * model.d_model * width + per_block
     else:
         saved = rest + model.n_layer * per_block
-    logits = batch * seq * model.vocab_size
+    logits = batch * seq * model.vocab_size if lm_head else 0
     transient = logits * width + 2 * logits * 4
     kernel = "flash-style attention" if flash else "math attention (T x T saved)"
     return saved, transient, f"{kernel}{', checkpointed blocks' if checkpointing else ''}"
@@ -350,7 +361,8 @@ def estimate(
     t = cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
     wbytes = torch.empty((), dtype=dtype).element_size()
-    roles, batch, seq, gen = stage_roles(cfg, stage)
+    notes: list[str] = []
+    roles, batch, seq, gen = stage_roles(cfg, stage, notes)
     parts: list[Part] = []
     for role in roles:
         parts += role_parts(role, ds, world, wbytes, device_kind)
@@ -364,12 +376,13 @@ def estimate(
         # activations, so the heap grows to the un-checkpointed size (measured; a GPU frees them)
         interleaved = checkpointing and device_kind == "cpu" and stage_n <= 1
         saved, transient, note = activation_bytes(
-            role.config, batch, seq, dtype, device_kind, checkpointing and not interleaved
+            role.config, batch, seq, dtype, device_kind, checkpointing and not interleaved, lm_head=not role.head
         )
         if interleaved:
             note += ", checkpointed blocks (no saving in a CPU heap at ZeRO-0/1)"
         parts.append(Part(role.name, "activations", saved, note=f"micro batch {batch} x {seq}, {note}", phase="fwdbwd"))
-        parts.append(Part(role.name, "logits and loss", transient, phase="fwdbwd"))
+        if transient:
+            parts.append(Part(role.name, "logits and loss", transient, phase="fwdbwd"))
     if gen is not None:
         rows, length = gen
         policy = trained[0].config
@@ -380,7 +393,7 @@ def estimate(
                               note="ZeRO-3: generates with whole weights", phase="rollout"))  # fmt: skip
     peak = peak_of(parts, device_kind)
     host = sum(p.bytes for p in parts if p.where == "host")
-    est = Estimate(parts, peak, host, device_kind, device_bytes, world)
+    est = Estimate(parts, peak, host, device_kind, device_bytes, world, notes=notes)
     if timed:
         _add_time(est, cfg, roles, seq, world, peak_flops, mfu, device_kind, checkpointing)
         if gen is not None and est.step_s is not None:
@@ -402,13 +415,17 @@ def peak_of(parts: list[Part], device_kind: str) -> float:
     return always + max(fwdbwd, step, rollout)
 
 
-def stage_roles(cfg: RunConfig, stage: str) -> tuple[list[Role], int, int, tuple[int, int] | None]:
-    """(roles, micro batch rows, sequence length, (rollout rows, rollout length) or None)."""
+def stage_roles(
+    cfg: RunConfig, stage: str, notes: list[str] | None = None
+) -> tuple[list[Role], int, int, tuple[int, int] | None]:
+    """(roles, micro batch rows, sequence length, (rollout rows, rollout length) or None);
+    `notes` gets a line for each starting model that could not be read."""
+    notes = [] if notes is None else notes
     t, model = cfg.train, cfg.model
     if stage == "pretrain":
         return [Role("model", model, True)], t.micro_batch_size, cfg.data.seq_len, None
     sec = cfg.sections.get(stage)
-    src = _source_config(getattr(sec, "init_from", ""), model)
+    src = _source_config(getattr(sec, "init_from", ""), model, notes)
     if stage == "sft":
         return [Role("model", src, True)], t.micro_batch_size, sec.max_len, None
     if stage == "reward":
@@ -423,18 +440,20 @@ def stage_roles(cfg: RunConfig, stage: str) -> tuple[list[Role], int, int, tuple
         return roles, t.micro_batch_size, length, (t.micro_batch_size, length)
     if stage == "ppo":
         critic = (
-            _source_config(sec.critic_from or sec.reward_model, src) if (sec.critic_from or sec.reward_model) else src
+            _source_config(sec.critic_from or sec.reward_model, src, notes)
+            if (sec.critic_from or sec.reward_model)
+            else src
         )
         roles = [Role("actor", src, True), Role("critic", critic, True, head=critic.d_model),
                  Role("reference", src, False)]  # fmt: skip
         if sec.reward_model and ":" not in sec.reward_model:
-            rm = _source_config(sec.reward_model, src)
+            rm = _source_config(sec.reward_model, src, notes)
             roles.append(Role("reward", rm, False, head=rm.d_model))
         return roles, t.micro_batch_size, length, (t.micro_batch_size, length)
     raise ValueError(f"no estimate for stage {stage!r}")
 
 
-def _source_config(path: str, fallback: ModelConfig) -> ModelConfig:
+def _source_config(path: str, fallback: ModelConfig, notes: list[str]) -> ModelConfig:
     """The model shape a stage takes from its starting weights (configs only are read)."""
     if not path:
         return fallback
@@ -447,7 +466,8 @@ def _source_config(path: str, fallback: ModelConfig) -> ModelConfig:
     quiet.setLevel(logging.WARNING)  # the source's "model from ..." line belongs to the run's log
     try:
         return open_initial_weights(path).config
-    except Exception:  # noqa: BLE001 (a missing source is the stage's own preflight error)
+    except Exception as e:  # noqa: BLE001 (a missing source is the stage's own preflight error)
+        notes.append(f"{path}: not readable ({e}); its shape is taken from the config's model section")
         return fallback
     finally:
         quiet.setLevel(level)

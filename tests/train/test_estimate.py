@@ -127,6 +127,9 @@ def test_ppo_estimates_every_role_and_the_rollout_cache(tmp_path):
     assert kv[0].bytes == 2 * 2 * 4 * 48 * 4 * 16 * 4  # K and V x layers x rows x positions x heads x head_dim x fp32
     assert any(p.what == "gathered replica (rollout)" for p in est.parts)  # ZeRO-3 generates with whole weights
     assert {p.role for p in est.parts if p.what == "activations"} == {"actor", "critic"}
+    assert {p.role for p in est.parts if p.what == "logits and loss"} == {"actor"}  # the critic reads a scalar head
+    assert any(n.startswith(f"{tmp_path / 'rm'}: not readable") for n in est.notes)  # the shape it used instead
+    assert "note: " in est.table()
 
 
 def test_estimate_command_says_what_would_fit(tmp_path, capsys):
