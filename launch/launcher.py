@@ -206,7 +206,7 @@ def preflight(args: argparse.Namespace) -> Plan:
     ds = load_ds_config(args.ds_config, cfg, world_size)  # batch arithmetic for this world size
     _check_inputs(stage, cfg)
     ranks_per_node = max(len(s) for s in active.values())
-    estimate_table = _memory_check(args, cfg, ds, world_size, ranks_per_node)
+    estimate_table, estimate_bytes = _memory_check(args, cfg, ds, world_size, ranks_per_node)
 
     master_addr = args.master_addr or hf.resolve(next(iter(active)))
     if not re.match(r"^[A-Za-z0-9_.:-]+$", master_addr):
@@ -220,6 +220,10 @@ def preflight(args: argparse.Namespace) -> Plan:
         if user_file.is_file():
             env.update(read_user_env_file(user_file))
     env.update(parse_env_args(args.env, environ))
+    if estimate_bytes:
+        from train.memory import ENV_ESTIMATE
+
+        env[ENV_ESTIMATE] = f"{estimate_bytes:.0f}"  # rank 0 logs it beside its measured peak
     if multi_node and args.launcher == "pdsh":
         for name, value in env.items():
             escape(value, name)  # raises EnvError if it cannot travel
@@ -232,13 +236,13 @@ def preflight(args: argparse.Namespace) -> Plan:
                 multi_node, env, estimate_table)  # fmt: skip
 
 
-def _memory_check(args: argparse.Namespace, cfg, ds: dict, world: int, ranks_per_node: int) -> str:
+def _memory_check(args: argparse.Namespace, cfg, ds: dict, world: int, ranks_per_node: int) -> tuple[str, float]:
     """The memory/time estimate's table (train/estimate.py); a run that would not fit in the
     device memory stops here, before any rank starts, with the changes that would fit."""
     from train.estimate import device_budget, estimate, not_fitting_error
 
     if args.stage not in STAGES or args.module:
-        return ""
+        return "", 0.0
     import torch
 
     kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,10 +250,11 @@ def _memory_check(args: argparse.Namespace, cfg, ds: dict, world: int, ranks_per
         budget, source = device_budget(kind, ranks_per_node, None)
         est = estimate(cfg, ds, world, args.stage, kind, budget, cfg.logging.peak_flops or None)
     except Exception as e:  # noqa: BLE001 (an estimate that cannot be made never blocks a launch)
-        return f"zerollm launch: no memory estimate ({type(e).__name__}: {e})"
+        return f"zerollm launch: no memory estimate ({type(e).__name__}: {e})", 0.0
     if not est.fits and not args.skip_memory_check:
         raise ZeroLLMError(not_fitting_error(est, f"{args.config} with {args.ds_config}"))
-    return f"zerollm launch: estimate (device memory: {source}; `zerollm estimate` for other sizes)\n{est.table()}"
+    table = f"zerollm launch: estimate (device memory: {source}; `zerollm estimate` for other sizes)\n{est.table()}"
+    return table, est.peak_bytes
 
 
 def import_stage(module: str, stage: str = "") -> types.ModuleType:

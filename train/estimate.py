@@ -162,21 +162,84 @@ class _FlashLike(torch.autograd.Function):
         raise NotImplementedError
 
 
+class _EmbeddingLike(torch.autograd.Function):
+    """An embedding lookup on the meta device that saves what torch's saves (the indices),
+    without its reference implementation (which imports torch._decomp: a second or more)."""
+
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        return weight.new_empty(*idx.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace only counts
+        raise NotImplementedError
+
+
+def _dropout_like(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """torch's CPU dropout (`input * noise`, the noise saved) without bernoulli_ on meta."""
+    if p == 0.0 or not training:
+        return x
+    return x * torch.empty_like(x)
+
+
+def _math_attention_like(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """torch's math SDPA kernel (`_scaled_dot_product_attention_math`) op for op, so autograd
+    saves the same tensors: scaled q and k^T, the softmax output, the dropout noise and the
+    dropped probabilities (each B x H x T x T), v."""
+    factor = (scale if scale is not None else q.size(-1) ** -0.5) ** 0.5
+    query = q * factor
+    if is_causal:
+        attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if enable_gqa and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+    attn = torch.matmul(query, k.transpose(-2, -1) * factor)
+    if attn_mask is not None:
+        attn.add_(attn_mask)
+    attn = torch.softmax(attn, -1)
+    attn = _dropout_like(attn, dropout_p)
+    return torch.matmul(attn, v)
+
+
 @contextlib.contextmanager
-def _attention_kernel(flash: bool):
-    if not flash:
-        yield
-        return
-    original = torch.nn.functional.scaled_dot_product_attention
+def _meta_kernels(flash: bool):
+    """Inside: attention runs as a flash-style kernel (`flash`) or op for op as torch's math
+    kernel, embeddings and dropout as the stand-ins above; each saves for backward what the
+    real kernel saves (tests/train/test_estimate.py compares with a real CPU forward)."""
+    F = torch.nn.functional
+    saved = {n: getattr(F, n) for n in ("scaled_dot_product_attention", "embedding", "dropout")}
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
-        return _FlashLike.apply(q, k, v)
+        if flash:
+            return _FlashLike.apply(q, k, v)
+        return _math_attention_like(q, k, v, attn_mask, dropout_p, is_causal, **kw)
 
-    torch.nn.functional.scaled_dot_product_attention = sdpa
+    F.scaled_dot_product_attention = sdpa
+    F.embedding = lambda idx, weight, *a, **k: _EmbeddingLike.apply(idx, weight)
+    F.dropout = _dropout_like
     try:
         yield
     finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+        for n, fn in saved.items():
+            setattr(F, n, fn)
+
+
+@contextlib.contextmanager
+def _no_init():
+    """torch.nn.init's fills do nothing inside: on the meta device they would only cost time
+    (their reference implementations import torch._refs, seconds on the first call)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def flash_attention(device_kind: str, dropout: float) -> bool:
@@ -192,7 +255,7 @@ def saved_activation_bytes(
     the model is built and run on the meta device; tensors sharing storage count once.
     lm_head=False: the trunk only (a reward model or critic reads a scalar head instead)."""
     cfg = dataclasses.replace(model, activation_checkpointing=False, max_seq_len=max(model.max_seq_len, seq))
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         m = CustomLanguageModel(cfg).to(dtype)
     m.train()
     params = {p.untyped_storage()._cdata for p in m.parameters()}
@@ -205,7 +268,7 @@ def saved_activation_bytes(
         return t
 
     idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with _attention_kernel(flash), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _meta_kernels(flash), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         m(idx, idx) if lm_head else m.hidden_states(idx)
     return sum(seen.values())
 

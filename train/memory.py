@@ -17,6 +17,7 @@ import os
 import torch
 
 _STATUS = "/proc/self/status"
+ENV_ESTIMATE = "ZEROLLM_ESTIMATE_BYTES"  # the launcher's estimate of a rank's peak, logged beside the measured one
 
 
 def _status_kib(field: str) -> int | None:
@@ -74,9 +75,9 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) - self.base
         return max(0, peak_rss_bytes() - self.base)
 
-    @property
-    def kind(self) -> str:
-        return "cuda max_memory_allocated" if self.cuda else "peak RSS growth"
+    @staticmethod
+    def kind_here() -> str:
+        return "max_memory_allocated" if torch.cuda.is_available() else "peak RSS growth"
 
 
 _STAGE: PeakMemory | None = None  # started by `train.run.start`, before any engine is built

@@ -46,7 +46,7 @@ from train.checkpoint import Checkpointer
 from train.config import RunConfig, load_run_config, parse_overrides
 from train.engine import build_engine, init_distributed, resolve_ds_config
 from train.errors import EXIT_BAD_INPUT, ZeroLLMError
-from train.memory import start_stage_probe
+from train.memory import ENV_ESTIMATE, PeakMemory, stage_growth, start_stage_probe
 from train.metrics import Metrics
 
 log = logging.getLogger("zerollm")
@@ -206,7 +206,18 @@ def loop(r: Run, engine, stage, ckpt, state: dict[str, Any], resumed: dict[str, 
         code = shared_loop.train(engine, stage, r.cfg, ckpt, state, r.stop, metrics)
     finally:
         metrics.close(plot=code == 0)
+    log_peak_memory(r)
     return code
+
+
+def log_peak_memory(r: Run) -> None:
+    """Rank 0's measured peak beside the launcher's estimate (`zerollm launch` passes it as
+    ZEROLLM_ESTIMATE_BYTES): every run checks the estimate against reality."""
+    measured, predicted = stage_growth(), float(os.environ.get(ENV_ESTIMATE, 0) or 0)
+    if r.rank != 0 or not measured:
+        return
+    versus = f", estimate {predicted / 1e9:.3f} GB ({predicted / measured:.2f}x)" if predicted else ""
+    log.info("memory: peak %.3f GB on rank 0 (%s)%s", measured / 1e9, PeakMemory.kind_here(), versus)
 
 
 # ----------------------------------------------------------------------------- exit

@@ -52,6 +52,10 @@ def test_default_terminal_shows_our_lines_and_bar_and_the_log_file_has_deepspeed
     assert "[INFO] [launch.py" in full and "spawned with command" in full  # the launcher's own
     assert "[rank0] model: " in full and "pretrain: 100%|" in full  # and all the rest
     assert "terminate called" not in full  # no rank aborted while exiting
+    # zerollm estimate's table heads the terminal and the launch log; rank 0 ends with its
+    # measured peak beside that estimate
+    assert "zerollm launch: estimate (device memory:" in out and full.startswith("zerollm launch: estimate")
+    assert re.search(r"\[rank0\] memory: peak [\d.]+ GB on rank 0 \(peak RSS growth\), estimate [\d.]+ GB", out), out
 
 
 def test_verbose_terminal_shows_deepspeeds_output_too(tiny_run):
