@@ -164,7 +164,7 @@ def step_rows(run_dir: Path) -> dict[str, dict[int, dict]]:
     """Each step's deterministic metrics (no timings): the global row (metrics.jsonl) and each
     rank's own loss (ranks/rank<r>.jsonl); the last row of a step wins, as after a resume."""
     timings = {"time", "tokens_per_s", "samples_per_s", "gen_tokens_per_s", "gen_s", "memory_gb", "last_iteration_s",
-               "last_gen_share"}  # fmt: skip
+               "last_gen_share", "peak_growth"}  # fmt: skip (measurements: peak_growth is a rank's peak memory)
     out = {}
     for name, path in [("global", run_dir / "metrics.jsonl")] + [
         (f"rank{r}", run_dir / "ranks" / f"rank{r}.jsonl") for r in (0, 1)
