@@ -67,26 +67,34 @@ LINE_PER_FILE = {"train": 8, "valid": 4}  # line tasks of one source file at mos
 # ----------------------------------------------------------------------------- extraction
 
 
-def functions_of(source: str) -> list[tuple[str, str]]:
-    """(prompt, body) for each short documented function of one module's source."""
+def _documented_functions(source: str):
+    """(node, lines, prompt, indent) for each undecorated function of `source` with a
+    docstring and at least one statement after it; the prompt is its `def` line(s) and
+    docstring, dedented."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
-        return []
+        return
     lines = source.splitlines()
-    out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.body) < 2:
             continue
         doc = node.body[0]
-        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+        if not _is_docstring(doc):
             continue
+        head = textwrap.dedent("\n".join(lines[node.lineno - 1 : doc.end_lineno])) + "\n"
+        indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
+        yield node, lines, head, indent
+
+
+def functions_of(source: str) -> list[tuple[str, str]]:
+    """(prompt, body) for each short documented function of one module's source."""
+    out = []
+    for node, lines, head, indent in _documented_functions(source):
         rest = node.body[1:]
         if len(rest) > 4 or not _useful(rest, node):
             continue
-        head = textwrap.dedent("\n".join(lines[node.lineno - 1 : doc.end_lineno])) + "\n"
         body_lines = lines[rest[0].lineno - 1 : rest[-1].end_lineno]
-        indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
         body = "\n".join(line[indent:] for line in body_lines) + "\n"
         if len(body) > MAX_BODY_CHARS or len(head) > MAX_PROMPT_CHARS or "\t" in head + body:
             continue
@@ -197,20 +205,11 @@ BUILTINS = frozenset(dir(builtins))
 def first_lines_of(source: str) -> list[tuple[str, str]]:
     """(prompt, first line) for each documented function whose first statement, one line of
     at most MAX_LINE_CHARS characters, passes `line_success`."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return []
-    lines = source.splitlines()
     out = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.body) < 2:
+    for node, lines, head, indent in _documented_functions(source):
+        first = node.body[1]
+        if first.lineno != first.end_lineno:
             continue
-        doc, first = node.body[0], node.body[1]
-        if not _is_docstring(doc) or first.lineno != first.end_lineno:
-            continue
-        head = textwrap.dedent("\n".join(lines[node.lineno - 1 : doc.end_lineno])) + "\n"
-        indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
         line = lines[first.lineno - 1][indent:] + "\n"
         if len(line) > MAX_LINE_CHARS or len(head) > MAX_PROMPT_CHARS or "\t" in head + line:
             continue
