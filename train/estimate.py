@@ -248,14 +248,33 @@ def flash_attention(device_kind: str, dropout: float) -> bool:
     return device_kind == "cuda" or dropout == 0.0
 
 
+REAL_TRACE_BYTES = 64 * 2**20  # a forward this small runs for real on the CPU instead (no meta set-up)
+
+
 def saved_activation_bytes(
-    model: ModelConfig, batch: int, seq: int, dtype: torch.dtype, flash: bool, lm_head: bool = True
+    model: ModelConfig,
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    flash: bool,
+    lm_head: bool = True,
+    device: str | None = None,
 ) -> int:
-    """Bytes autograd saves in one training forward (with the loss), parameters excluded:
-    the model is built and run on the meta device; tensors sharing storage count once.
-    lm_head=False: the trunk only (a reward model or critic reads a scalar head instead)."""
+    """Bytes autograd saves in one training forward (with the loss), parameters excluded;
+    tensors sharing storage count once. lm_head=False: the trunk only (a reward model or
+    critic reads a scalar head instead).
+
+    The model is built (uninitialised) and run on the meta device: no memory, no compute,
+    but about a second the first time in a process (torch's reference kernels import dynamo).
+    A forward under REAL_TRACE_BYTES whose attention kernel the CPU would pick anyway (flash
+    exactly when there is no dropout) runs on the CPU instead, in milliseconds; both give
+    the same bytes (tests/train/test_estimate.py)."""
     cfg = dataclasses.replace(model, activation_checkpointing=False, max_seq_len=max(model.max_seq_len, seq))
-    with torch.device("meta"), _no_init():
+    if device is None:
+        device = (
+            "cpu" if flash == (cfg.dropout == 0.0) and _forward_bytes(cfg, batch, seq) < REAL_TRACE_BYTES else "meta"
+        )
+    with torch.device(device), _no_init():
         m = CustomLanguageModel(cfg).to(dtype)
     m.train()
     params = {p.untyped_storage()._cdata for p in m.parameters()}
@@ -267,10 +286,19 @@ def saved_activation_bytes(
             seen.setdefault(s._cdata, s.nbytes())
         return t
 
-    idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with _meta_kernels(flash), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    idx = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    # on the CPU, dropout draws from torch's RNG: the caller's stream is left as it was
+    kernels = _meta_kernels(flash) if device == "meta" else torch.random.fork_rng(devices=[])
+    with kernels, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         m(idx, idx) if lm_head else m.hidden_states(idx)
     return sum(seen.values())
+
+
+def _forward_bytes(cfg: ModelConfig, batch: int, seq: int) -> float:
+    """A generous bound (fp32) of the weights and activations of a real forward of `cfg`."""
+    n = batch * seq
+    per_layer = n * (12 * cfg.d_model + 4 * cfg.ffn_dim) + batch * cfg.n_head * seq * seq
+    return 4 * (parameter_count(cfg) + cfg.n_layer * per_layer + 3 * n * cfg.padded_vocab_size)
 
 
 def activation_bytes(
@@ -569,7 +597,7 @@ def _add_time(est, cfg, roles, seq, world, peak_flops, mfu, device_kind, checkpo
 
 
 @functools.cache
-def measured_matmul_flops(device_kind: str = "cpu", n: int = 512, seconds: float = 0.3) -> float:
+def measured_matmul_flops(device_kind: str = "cpu", n: int = 512, seconds: float = 0.1) -> float:
     """FLOP/s of an n x n matmul on this process's threads (CPU, fp32) or its GPU (bf16)."""
     dev, dtype = ("cuda", torch.bfloat16) if device_kind == "cuda" else ("cpu", torch.float32)
     if dev == "cuda":
