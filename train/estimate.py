@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from train.config import RunConfig
+from train.engine import zero_stage
 from train.model import CustomLanguageModel, ModelConfig
 
 GB = 1e9
@@ -366,7 +367,7 @@ def largest_layer(model: ModelConfig) -> int:
 def role_parts(role: Role, ds: dict[str, Any], world: int, wbytes: int, device_kind: str) -> list[Part]:
     """Parameters, gradients, optimizer states, step temporaries and buckets of one role."""
     zero = ds.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0)) if role.trains else (3 if int(zero.get("stage", 0)) == 3 else 0)
+    stage = zero_stage(ds) if role.trains else (3 if zero_stage(ds) == 3 else 0)  # frozen: ZeRO-3 or a replica
     n = parameter_count(role.config, role.head)
     u = 4 * n / world  # the rank's fp32 partition
     opt_where = "host" if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme") else "device"
@@ -461,7 +462,7 @@ def estimate(
     checkpointing = bool(
         t.activation_checkpointing or cfg.model.activation_checkpointing or "activation_checkpointing" in ds
     )
-    stage_n = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    stage_n = zero_stage(ds)
     for role in trained:  # one trains at a time (PPO: actor, then critic), but both leave heap behind on CPU
         # CPU, ZeRO-0/1: backward makes each parameter's gradient between the recomputed blocks'
         # activations, so the heap grows to the un-checkpointed size (measured; a GPU frees them)
@@ -479,7 +480,7 @@ def estimate(
         policy = trained[0].config
         kv = 2 * policy.n_layer * rows * length * policy.kv_heads * policy.head_dim * wbytes
         parts.append(Part(trained[0].name, "KV cache (rollout)", kv, note=f"{rows} rows x {length}", phase="rollout"))
-        if int((ds.get("zero_optimization") or {}).get("stage", 0)) == 3:
+        if stage_n == 3:
             parts.append(Part(trained[0].name, "gathered replica (rollout)", wbytes * parameter_count(policy),
                               note="ZeRO-3: generates with whole weights", phase="rollout"))  # fmt: skip
     peak = peak_of(parts, device_kind)

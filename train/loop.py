@@ -35,7 +35,7 @@ from train.checkpoint import fault_point
 from train.config import RunConfig
 from train.engine import SHM_BUFFERS_REMOVED, all_reduce_sum, set_lr, to_device
 from train.errors import EXIT_BAD_LOSS, EXIT_OK, EXIT_PREEMPTED
-from train.memory import stage_growth
+from train.memory import peak_rss_bytes, stage_growth
 from train.schedule import lr_at
 
 log = logging.getLogger("zerollm")
@@ -178,9 +178,7 @@ def memory_gb() -> float:
     """Peak accelerator memory, or this process's peak RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 class RankLog:

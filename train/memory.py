@@ -66,7 +66,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.resettable = reset_peak_rss()
+            reset_peak_rss()  # where it cannot, the peak since the process started counts
             self.base = rss_bytes()
 
     def growth(self) -> int:
