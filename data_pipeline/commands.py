@@ -6,7 +6,7 @@
         --valid-fraction 0.02          # -> D/stdlib_train.{bin,idx}, D/stdlib_valid.{bin,idx}
     zerollm merge-datasets OUT PREFIX [PREFIX ...]
     zerollm demo-tasks D/stdlib.jsonl --out D/tasks   # post-training tasks (function bodies)
-    zerollm demo-tasks D/stdlib.jsonl --out D/tasks_line --task line   # (first lines: easier)
+    zerollm demo-tasks D/stdlib.jsonl --out D/tasks --task line   # (first lines: make demo's)
 
 Only the standard library and train.errors are imported here; each handler imports the
 stage module it runs (keeps --help fast).

@@ -1,13 +1,14 @@
 """Post-training tasks whose success can be checked, from the stdlib's own sources.
 
-    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks              # body
-    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks_line --task line
+    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks --task line   # make demo
+    zerollm demo-tasks runs/demo/data/stdlib.jsonl --out runs/demo/tasks_body           # body
 
-Two tasks, the same files and prompts (a function's `def` line and docstring):
+Two tasks, the same six files, from the stdlib's short documented functions:
 
-- `body` (the default): write the function's body; checked by `success` (below).
-- `line`: write its first statement, one line; checked by `line_success` (after the body
-  task's code). Easier: what the 385k-parameter `make demo` model can learn in minutes.
+- `line` (`make demo`'s): from the function's `def` line alone, write its first statement,
+  one line; checked by `line_success` (after the body task's code).
+- `body` (the default): from its `def` line and docstring, write the whole body; checked by
+  `success` (below). Too hard for the demo's model: its strict success stayed 0.
 
 The body task in detail:
 From the demo corpus (the interpreter's own stdlib sources), every short function or
@@ -31,12 +32,20 @@ The rejected answer of a preference pair fails it in one of three seeded ways: t
 cut mid-way (no longer parses), a trivial body (`pass` and kin), or the body of another
 function that reads none of this one's parameters.
 
-The line task's held-out split is larger (a fifth of the files) and takes at most 4 tasks
-of a file (LINE_PER_FILE), so no one module's parameter names fill it: measured on the
-demo corpus (122 held-out prompts), the best single fixed answer, of every training answer
-and `return f(name)`-like guesses, passes 14% of them (`args = (object, name) + args`).
-Its training split takes at most 8 of a file (tkinter's alone held 204 of 1,308, and the
-SFT model answered `self.tk.call(self._w, ...)` to everything).
+The line task: its prompt is the `def` line without the docstring, so the parameter names
+sit right above the answer. Measured with the demo's 1.5M-parameter model: it copies a name
+from the line just above far more readily than across a docstring; with the docstrings in
+the prompt (400 pretraining steps) its SFT answers passed 0 held-out prompts and PPO / GRPO
+drifted to prompt-independent answers; without them `make demo` starts at about 10%.
+3 in 7 of its rejected answers (LINE_REJECTS) are the real line with its parameter names
+swapped for another answer's names (`renamed`: the small model's commonest mistake), the
+rest cut, trivial, another function's line, or a bare parameter. Its held-out split is larger (a
+fifth of the files) and takes at most 4 tasks of a file (LINE_PER_FILE), so no one module's
+parameter names fill it: measured on the demo corpus (Python 3.11, 138 held-out prompts),
+the best single fixed answer, of every training answer and `return f(name)`-like guesses,
+passes 10.9% of them (a line reading `args`). Its training split takes at most 8 of a file
+(tkinter's alone held 204 of 1,308, and the SFT model answered `self.tk.call(self._w, ...)`
+to everything).
 """
 
 from __future__ import annotations
@@ -44,10 +53,13 @@ from __future__ import annotations
 import ast
 import builtins
 import hashlib
+import io
 import json
+import keyword
 import os
 import random
 import textwrap
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +74,7 @@ TRIVIAL = ["pass", "...", "return", "return None", "raise NotImplementedError"]
 MAX_LINE_CHARS = 80
 LINE_VALID_SHARE = 0.2
 LINE_PER_FILE = {"train": 8, "valid": 4}  # line tasks of one source file at most
+LINE_REJECTS = ("renamed",) * 3 + ("cut", "trivial", "other", "bare")  # 3 in 7 rejected lines are renamed
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -204,12 +217,14 @@ BUILTINS = frozenset(dir(builtins))
 
 def first_lines_of(source: str) -> list[tuple[str, str]]:
     """(prompt, first line) for each documented function whose first statement, one line of
-    at most MAX_LINE_CHARS characters, passes `line_success`."""
+    at most MAX_LINE_CHARS characters, passes `line_success`; the prompt is the `def` line(s)
+    alone, without the docstring (the parameters right above the answer: see the module doc)."""
     out = []
-    for node, lines, head, indent in _documented_functions(source):
+    for node, lines, _, indent in _documented_functions(source):
         first = node.body[1]
         if first.lineno != first.end_lineno:
             continue
+        head = "\n".join(x[indent:] for x in lines[node.lineno - 1 : node.body[0].lineno - 1]) + "\n"
         line = lines[first.lineno - 1][indent:] + "\n"
         if len(line) > MAX_LINE_CHARS or len(head) > MAX_PROMPT_CHARS or "\t" in head + line:
             continue
@@ -226,8 +241,9 @@ def line_success(prompt: str, completion: str) -> float:
     attribute or an index is needed), reading a parameter other than `self` / `cls` (a
     function without one is no task), and at most one name that is neither a parameter, a
     builtin nor bound in the line (a module global it calls; a guessed list of common
-    parameter names, one fixed answer for many prompts, reads more)."""
-    text = completion if completion.endswith("\n") else completion[: completion.rfind("\n") + 1]
+    parameter names, one fixed answer for many prompts, reads more). An answer without a
+    newline is read as one line (a model may end its turn right after the code)."""
+    text = _lines(completion)
     try:
         tree = ast.parse(prompt + text)
     except (SyntaxError, ValueError):  # ValueError: NUL bytes
@@ -250,28 +266,35 @@ def line_reward(prompts: list[str], completions: list[str]) -> list[float]:
 
 
 def line_partial_credit(prompt: str, completion: str) -> float:
-    """Shaped `line_success` in [0, 1], 1.0 exactly when it is 1.0: a quarter when the first
-    line, after the prompt, parses as one statement of the function; a quarter more when
-    that line is the whole answer and, by itself, passes every check but reading a
-    parameter; a half for reading a parameter other than `self` / `cls` (the part of the
-    task that depends on the prompt). Measured: not enough. A demo GRPO run (1.5M-parameter
-    model, 24 steps) on it went to fixed answers that earn the first half on every method
-    (`self.name = self.path.get()`, 9 of 32 held-out prompts; shaped 0.36 -> 0.34, strict 0 -> 0)."""
+    """Shaped `line_success` in [0, 1], 1.0 exactly when it is 1.0, and 0.5 for an answer whose
+    first line, after the prompt, parses as one statement of the function that reads a
+    parameter other than `self` / `cls`; 0 otherwise, however well-formed: only the part of
+    the task that depends on the prompt pays. Measured: an earlier form that paid half of
+    its credit for a well-formed line led a demo GRPO run to fixed answers that earn it on
+    every method (`self.name = self.path.get()`, 9 of 32 held-out prompts, strict 0 -> 0);
+    with this one the demo's GRPO raised the held-out strict success (README)."""
     if line_success(prompt, completion) == 1.0:
         return 1.0
-    first = completion.split("\n", 1)[0] + "\n"
+    first = _lines(completion).split("\n", 1)[0] + "\n"
     try:
         tree = ast.parse(prompt + first)
     except (SyntaxError, ValueError):
         return 0.0
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef) or len(tree.body[0].body) != 2:
-        return 0.0  # no statement added to the docstring (or dedented code)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+        return 0.0  # dedented code
     fn = tree.body[0]
-    s, params = fn.body[1], _all_params(fn)
-    whole = completion[: completion.rfind("\n") + 1] == first  # its complete lines are that one line
-    rest = (whole and isinstance(s, SIMPLE) and not _trivial(s) and any(isinstance(n, OPERATIONS) for n in ast.walk(s))
-            and len(_unknown_names(s, params)) <= 1)  # fmt: skip
-    return 0.25 + 0.25 * rest + 0.5 * _reads(s, params - {"self", "cls"})
+    stmts = fn.body[1:] if _is_docstring(fn.body[0]) else fn.body
+    if len(stmts) != 1:
+        return 0.0  # no statement added to the prompt
+    return 0.5 * _reads(stmts[0], _all_params(fn) - {"self", "cls"})
+
+
+def _lines(completion: str) -> str:
+    """The complete lines of a completion (the text after the last newline is not code: a
+    cut-off answer), or the whole of it as one line when it holds no newline."""
+    if "\n" not in completion:
+        return completion + "\n" if completion.strip() else ""
+    return completion[: completion.rfind("\n") + 1]
 
 
 def line_partial_reward(prompts: list[str], completions: list[str]) -> list[float]:
@@ -303,7 +326,9 @@ def rejected_for(
     prompt: str, body: str, others: list[str], rng: random.Random, check=None, kinds=("cut", "trivial", "other")
 ) -> str:
     """An answer for `prompt` that fails `check` (`success`): cut, trivial, another function's,
-    or (kind "bare") a parameter's name alone."""
+    (kind "bare") a parameter's name alone, or (kind "renamed") the real answer with each
+    parameter it reads replaced by a name from another answer: the same line, with names
+    that are not this function's (the mistake a small model makes most)."""
     check = check or success
     kinds = list(kinds)
     rng.shuffle(kinds)
@@ -313,6 +338,8 @@ def rejected_for(
             cand = cut.rstrip() + "\n"
         elif kind == "trivial":
             cand = f"    {rng.choice(TRIVIAL)}\n"
+        elif kind == "renamed":
+            cand = _renamed(prompt, body, rng.choice(others), rng)
         elif kind == "bare":
             fn = ast.parse(prompt + "    pass\n").body[0]
             cand = f"    return {min(_all_params(fn) - {'self', 'cls'} or {'self'})}\n"
@@ -321,6 +348,29 @@ def rejected_for(
         if cand != body and check(prompt, cand) == 0.0:
             return cand
     return "    pass\n"
+
+
+def _renamed(prompt: str, body: str, other: str, rng: random.Random) -> str:
+    """`body` with each parameter name it reads (not attributes: `x.name` stays) replaced by
+    one name of `other` that is no parameter here; `body` itself when there is none."""
+    params = _all_params(ast.parse(prompt + "    pass\n").body[0])
+    try:
+        toks = list(tokenize.generate_tokens(io.StringIO(body).readline))
+        pool = sorted({t.string for t in tokenize.generate_tokens(io.StringIO(other).readline)
+                       if t.type == tokenize.NAME and t.string.isidentifier() and not keyword.iskeyword(t.string)}
+                      - params - BUILTINS - {"self", "cls"})  # fmt: skip
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return body
+    if not pool:
+        return body
+    swap = {n: rng.choice(pool) for n in sorted(params - {"self", "cls"})}
+    lines = body.splitlines(keepends=True)
+    for k in range(len(toks) - 1, -1, -1):  # from the end: earlier columns stay valid
+        t = toks[k]
+        if t.type == tokenize.NAME and t.string in swap and not (k and toks[k - 1].string == "."):
+            (row, a), (_, b) = t.start, t.end
+            lines[row - 1] = lines[row - 1][:a] + swap[t.string] + lines[row - 1][b:]
+    return "".join(lines)
 
 
 @dataclass(frozen=True)
@@ -336,7 +386,7 @@ class Task:
 
 TASKS = {
     "body": Task(functions_of, success, VALID_SHARE, None, ("cut", "trivial", "other")),
-    "line": Task(first_lines_of, line_success, LINE_VALID_SHARE, LINE_PER_FILE, ("cut", "trivial", "other", "bare")),
+    "line": Task(first_lines_of, line_success, LINE_VALID_SHARE, LINE_PER_FILE, LINE_REJECTS),
 }
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the whole path on this machine, no download: the Python standard library's
 # own sources -> BPE tokenizer -> .bin/.idx -> 2-rank pretraining -> Hugging Face export
-# -> post-training on a checkable task (write a stdlib function's body, from the same
-# sources): SFT -> reward model -> PPO against it, and beside them DPO and GRPO (shaped
+# -> post-training on a checkable task (a stdlib function's first statement from its `def` line, from
+# the same sources): SFT -> reward model -> PPO against it, and beside them DPO and GRPO (shaped
 # verifiable reward) from the SFT model -> HF export of the GRPO policy; then held-out
 # samples, curves (PNG) and a table of what each stage changed. Re-running resumes (or
 # skips) finished steps. DeepSpeed's own output goes to runs/*/logs/; VERBOSE=1 shows it here too.
@@ -33,7 +33,7 @@ ids = tok("def main(", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=50, pad_token_id=tok.pad_token_id)
 print("sample from the exported model (transformers):", repr(tok.decode(out[0])))
 PY
-[ -f runs/demo/tasks/prompts_valid.jsonl ] || "$BIN/zerollm" demo-tasks "$DATA/stdlib.jsonl" --out runs/demo/tasks
+[ -f runs/demo/tasks/prompts_valid.jsonl ] || "$BIN/zerollm" demo-tasks "$DATA/stdlib.jsonl" --out runs/demo/tasks --task line
 "$BIN/zerollm" sft --config configs/demo_sft.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
 "$BIN/zerollm" reward --config configs/demo_reward.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
 "$BIN/zerollm" dpo --config configs/demo_dpo.yaml --deepspeed_config ds_configs/zero2.json --num_gpus 2 ${VERBOSE:+--verbose}
@@ -43,7 +43,7 @@ quiet export_grpo "$BIN/zerollm" export runs/demo_grpo --out runs/demo_grpo/hf -
 echo "demo: exported the final policy (GRPO) to runs/demo_grpo/hf (Hugging Face format)"
 # the python below: its chatter (DeepSpeed's checkpoint reader, warnings) to runs/demo/logs/report.log
 "$BIN/python" - <<'PY' 2>runs/demo/logs/report.log || { cat runs/demo/logs/report.log; exit 1; }
-# Greedy answers to the held-out prompts the runs evaluate on (their first 32), before (SFT)
+# Greedy answers to the held-out prompts the runs evaluate on (all of them), before (SFT)
 # and after PPO / GRPO, scored by the strict check and its shaped form; curves; the table.
 import contextlib
 import json
@@ -51,7 +51,7 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM
-from data_pipeline.function_tasks import partial_credit, success
+from data_pipeline.function_tasks import line_partial_credit as partial_credit, line_success as success
 from train import rollout
 from train.chat_data import end_of_turn_id, load_chat_tokenizer
 from train.commands import load_checkpoint_model
@@ -59,14 +59,14 @@ from train.metrics import plot_curves, read_metrics
 
 tok = load_chat_tokenizer("runs/demo/tokenizer")
 eot = end_of_turn_id(tok)
-valid = rollout.load_prompts("runs/demo/tasks/prompts_valid.jsonl", tok, 192)[:32]
+valid = rollout.load_prompts("runs/demo/tasks/prompts_valid.jsonl", tok, 192)
 
 def answers(model):
     model.eval()
     out = []
     for i in range(0, len(valid), 16):
         ids = [p.ids for p in valid[i : i + 16]]
-        out += [rollout.completion_text(tok, a, eot) for a in rollout.generate(model, ids, 48, eot, tok.pad_token_id)]
+        out += [rollout.completion_text(tok, a, eot) for a in rollout.generate(model, ids, 32, eot, tok.pad_token_id)]
     return out
 
 def scores(texts):
@@ -95,7 +95,7 @@ for run in ("ppo", "grpo"):
 hf = AutoModelForCausalLM.from_pretrained("runs/demo_grpo/hf")
 same = 0
 for p, want in list(zip(valid, got["grpo"]))[:8]:
-    out = hf.generate(torch.tensor([p.ids]), max_new_tokens=48, do_sample=False, eos_token_id=eot,
+    out = hf.generate(torch.tensor([p.ids]), max_new_tokens=32, do_sample=False, eos_token_id=eot,
                       pad_token_id=tok.pad_token_id)[0, len(p.ids) :].tolist()
     same += rollout.completion_text(tok, out[: out.index(eot) + 1] if eot in out else out, eot) == want
 print(f"demo: runs/demo_grpo/hf in transformers gives the run's greedy answer on {same}/8 held-out prompts")
@@ -114,6 +114,10 @@ def evals(run, key):
     got = [(r["step"], r[key]) for r in read_metrics(f"{run}/metrics.jsonl") if key in r]
     return got[0], got[-1]
 
+def spans(run, key, k=6):  # the mean of the first and of the last k rollouts (one is 8 prompts: noisy)
+    got = [(r["step"], r[key]) for r in read_metrics(f"{run}/metrics.jsonl") if key in r]
+    return [(f"{g[0][0]}-{g[-1][0]}", sum(v for _, v in g) / len(g)) for g in (got[:k], got[-k:])]
+
 def sampled(run, key):  # before (the SFT model) and after, at the run's first and last eval step
     steps = evals(f"runs/demo_{run}", "eval_success")
     return (steps[0][0], summary[run]["before (sft)"][key]), (steps[1][0], summary[run][f"after ({run})"][key])
@@ -129,16 +133,20 @@ for stage, run, key, what in [
     ("ppo", "runs/demo_ppo", "eval_reward", "held-out reward-model score (normalised)"),
     ("ppo", "runs/demo_ppo", "kl_to_ref", "KL to reference per token (rollouts)"),
     ("ppo", "runs/demo_ppo", "eval_success", "held-out strict success (function check)"),
-    ("ppo", "runs/demo_ppo", "eot_rate", "sampled answers ending within 48 tokens"),
-    ("grpo", "runs/demo_grpo", "reward", "shaped reward of sampled answers (rollouts)"),
-    ("grpo", "runs/demo_grpo", "eval_success", "held-out shaped reward (partial_reward)"),
+    ("ppo", "runs/demo_ppo", "eot_rate", "sampled answers ending within 32 tokens"),
+    ("grpo", "runs/demo_grpo", "reward", "shaped reward of sampled answers (6 rollouts)"),
+    ("grpo", "runs/demo_grpo", "eval_success", "held-out shaped reward (line_partial_reward)"),
     ("grpo", "grpo", "strict_success", "held-out strict success (samples_eval.json)"),
-    ("grpo", "grpo", "distinct_answers", "distinct held-out answers of 32 (samples)"),
+    ("grpo", "grpo", "distinct_answers", f"distinct held-out answers (of {len(valid)})"),
     ("grpo", "runs/demo_grpo", "kl_to_ref", "KL to reference per token (rollouts)"),
 ]:
-    (s0, v0), (s1, v1) = evals(run, key) if "/" in run else sampled(run, key)
+    (s0, v0), (s1, v1) = (spans(run, key) if "(6 rollouts)" in what else evals(run, key)) if "/" in run else sampled(run, key)
     v0, v1 = (f"{v:.3f}" if isinstance(v, float) else str(v) for v in (v0, v1))
     print(f"{stage:<9} {what:<50} {f'{v0} @{s0}':>13} {f'{v1} @{s1}':>13}")
+train_answers = sorted({json.loads(line)["response"] for line in open("runs/demo/tasks/sft_train.jsonl")})
+fixed = max((sum(success(p.text, a) for p in valid), a) for a in train_answers)  # no fixed answer should win
+print(f"demo: for scale, the best single fixed answer (of the training answers) passes {fixed[0]:.0f} of "
+      f"{len(valid)} held-out prompts ({fixed[0] / len(valid):.3f}): {fixed[1].strip()!r}")
 print("demo: curves:", " ".join(str(p) for p in pngs if p), "(and loss.png beside each)")
 print("demo: held-out samples: runs/demo_ppo/samples.txt runs/demo_grpo/samples.txt (scores in samples_eval.json)")
 PY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -17,6 +18,7 @@ from data_pipeline.function_tasks import (
     line_success,
     partial_credit,
     partial_reward,
+    rejected_for,
     reward,
     success,
 )
@@ -152,6 +154,8 @@ def test_a_bad_corpus_line_is_one_error_naming_the_file_and_line(tmp_path):
         ("    return len(w)\n", 1.0),  # a builtin is no unknown name
         ("    return math.sqrt(w)\n", 1.0),  # one module global (unknown) is allowed
         ("    return [x * w for x in h]\n", 1.0),  # a loop variable is bound in the line
+        ("    return w * h", 1.0),  # no newline: the answer ended its turn right after the code
+        ("    return w * (h", 0.0),  # cut off (no newline) and does not parse
         ("    return w\n", 0.0),  # names alone: no operation
         ("    a = h\n", 0.0),
         ("    return w *\n", 0.0),  # does not parse
@@ -183,17 +187,20 @@ def test_line_reward_is_line_success_per_row():
     ("completion", "credit"),
     [
         ("    return w * h\n", 1.0),
-        ("    return w * h\n    x = (\n", 0.75),  # a good first line, then noise: not the whole answer
-        ("    return len(0)\n", 0.5),  # every check but reading a parameter
-        ("    return f(w, name, key)\n", 0.75),  # reads w, but guesses two more names
-        ("    return w\n", 0.75),  # reads w, names alone
-        ("    pass\n", 0.25),  # parses, nothing more
+        ("    return w * h", 1.0),
+        ("    return w * h\n    x = (\n", 0.5),  # a good first line, then noise: reads w, not the whole answer
+        ("    return f(w, name, key)\n", 0.5),  # reads w, but guesses two more names
+        ("    return w\n", 0.5),  # reads w, names alone
+        ("    return len(0)\n", 0.0),  # well formed, but reads no parameter: nothing
+        ("    self.name = self.path.get()\n", 0.0),  # the fixed answer an earlier shaping paid half for
+        ("    pass\n", 0.0),
         ("    return w *\n", 0.0),  # does not parse
+        ("return w * h\n", 0.0),  # dedented: not in the function
         ("\n", 0.0),
         ("", 0.0),
     ],
 )
-def test_line_partial_credit_weighs_reading_a_parameter_half(completion, credit):
+def test_line_partial_credit_pays_only_for_reading_a_parameter(completion, credit):
     assert line_partial_credit(PROMPT, completion) == credit
 
 
@@ -207,13 +214,15 @@ def test_line_partial_credit_is_full_exactly_when_the_line_check_passes(completi
 
 
 def test_line_partial_reward_is_line_partial_credit_per_row():
-    assert line_partial_reward([PROMPT, PROMPT], ["    return h * w\n", "    pass\n"]) == [1.0, 0.25]
+    assert line_partial_reward([PROMPT, PROMPT], ["    return h * w\n", "    return h\n"]) == [1.0, 0.5]
 
 
 def test_first_lines_are_tasks_only_where_the_real_line_passes():
-    found = dict(first_lines_of(MODULE))
-    volume = 'def volume(self, depth):\n    """Volume of the box."""\n'
-    assert found == {PROMPT: "    return w * h\n", volume: "    d = depth or 1\n"}  # not todo (trivial), constant
+    found = dict(first_lines_of(MODULE))  # the prompt: the def line alone, without its docstring
+    assert found == {"def area(w, h):\n": "    return w * h\n", "def volume(self, depth):\n": "    d = depth or 1\n"}
+    # not todo (trivial) nor constant (reads no parameter); a signature over several lines is kept whole:
+    wrapped = 'def span(a,\n         b):\n    """Doc."""\n    return a - b\n'
+    assert first_lines_of(wrapped) == [("def span(a,\n         b):\n", "    return a - b\n")]
 
 
 def test_line_task_files_cap_the_tasks_of_each_module_and_rejected_lines_fail(tmp_path):
@@ -235,3 +244,11 @@ def test_an_unknown_task_is_one_error(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": MODULE}) + "\n")
     with pytest.raises(ZeroLLMError, match="task 'lines': expected one of body, line"):
         build_tasks(tmp_path / "c.jsonl", tmp_path / "tasks", task="lines")
+
+
+def test_a_renamed_line_swaps_the_parameters_it_reads_but_not_attributes_and_fails_the_check():
+    prompt = "def area(w, h):\n"
+    got = rejected_for(prompt, "    return w.h * h + w\n", ["    return g(w)\n"], random.Random(0),
+                       line_success, ("renamed",))  # fmt: skip
+    assert got == "    return g.h * g + g\n"  # `.h` is an attribute; `g` the other's only name that is no parameter
+    assert line_success(prompt, got) == 0.0
