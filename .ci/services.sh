@@ -75,6 +75,9 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again cred_expire + 1 s after its requeue (Slurm's default: 120 s,
+# most of the preemption test's wall time); 30 s still leaves step launches room under load.
+AuthInfo=cred_expire=30
 CommunicationParameters=NoInAddrAny
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -100,6 +100,17 @@ def launch(config: Path, ds: str, nproc: int = 2, env: dict | None = None, wait:
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_side_by_side(jobs: list[tuple[Path, str, dict | None]], timeout: float = 900) -> list:
+    """Launch every (config, ds config, env) at once and wait for all: a 2-rank launch leaves
+    the CPUs idle in its start-up and rendezvous, which the others fill."""
+    procs = [launch(cfg, ds, env=env, wait=False) for cfg, ds, env in jobs]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    return out
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -129,14 +140,13 @@ def relclose(a: float, b: float, rel: float) -> bool:
 @pytest.fixture(scope="module")
 def bf16_runs(corpus, tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("bf16")
-    out = {}
-    for stage in (0, 1, 2, 3):
-        run_dir = root / f"zero{stage}"
-        cfg = run_config(root / f"zero{stage}.yaml", corpus, run_dir, precision="bf16", max_steps=12, dropout=0.0)
-        env = {"ZEROLLM_NAN_STEPS": "4"} if stage == 2 else {}
-        ok(launch(cfg, f"zero{stage}.json", env=env))
-        out[stage] = run_dir
-    return out
+    jobs = [(run_config(root / f"zero{stage}.yaml", corpus, root / f"zero{stage}", precision="bf16", max_steps=12,
+                        dropout=0.0), f"zero{stage}.json", {"ZEROLLM_NAN_STEPS": "4"} if stage == 2 else {})
+            for stage in (0, 1, 2, 3)]  # fmt: skip
+    for pair in (jobs[:2], jobs[2:]):
+        for result in launch_side_by_side(pair):
+            ok(result)
+    return {stage: root / f"zero{stage}" for stage in (0, 1, 2, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +159,11 @@ def ref_run(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fp32_runs(corpus, tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("fp32")
-    out = {}
-    for stage in (1, 2, 3):
-        run_dir = root / f"zero{stage}"
-        ok(launch(run_config(root / f"zero{stage}.yaml", corpus, run_dir), f"zero{stage}.json"))
-        out[stage] = run_dir
-    return out
+    jobs = [(run_config(root / f"zero{stage}.yaml", corpus, root / f"zero{stage}"), f"zero{stage}.json", None)
+            for stage in (1, 2, 3)]  # fmt: skip
+    for result in launch_side_by_side(jobs):
+        ok(result)
+    return {stage: root / f"zero{stage}" for stage in (1, 2, 3)}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -301,15 +310,13 @@ def test_too_many_nan_steps_stop_the_run_and_keep_the_good_checkpoint(corpus, tm
 def test_micro_batch_and_accumulation_splits_give_the_same_update(corpus, tmp_path, busy_cpu):
     # Same 16 samples per step on 2 ranks: micro 1 x accumulation 8 vs micro 8 x accumulation 1.
     # Under a busy CPU these are also the exit-code-0 case of test_exit_codes.py (plain deepspeed).
-    results = {}
-    for mb, gas in ((1, 8), (8, 1)):
-        run_dir = tmp_path / f"mb{mb}"
-        cfg = run_config(tmp_path / f"mb{mb}.yaml", corpus, run_dir, micro_batch_size=mb, grad_accum_steps=gas,
-                         max_steps=3, dropout=0.0, eval_interval=0, save_interval=0)  # fmt: skip
-        result = launch(cfg, "zero0.json", env={"PYTHONFAULTHANDLER": "1"})
+    jobs = [(run_config(tmp_path / f"mb{mb}.yaml", corpus, tmp_path / f"mb{mb}", micro_batch_size=mb,
+                        grad_accum_steps=gas, max_steps=3, dropout=0.0, eval_interval=0, save_interval=0),
+             "zero0.json", {"PYTHONFAULTHANDLER": "1"}) for mb, gas in ((1, 8), (8, 1))]  # fmt: skip
+    for result in launch_side_by_side(jobs):
         ok(result)
         assert "terminate called" not in result.stdout + result.stderr  # no rank aborted while exiting
-        results[mb] = losses(run_dir)
+    results = {mb: losses(tmp_path / f"mb{mb}") for mb in (1, 8)}
     for step in (1, 2, 3):
         assert relclose(results[1][step], results[8][step], 1e-5), (step, results)
 
