@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     dt = sub.add_parser(
         "demo-tasks",
-        help="post-training task files from the demo corpus: write a stdlib function's body (checkable)",
+        help="post-training task files from the demo corpus: write a stdlib function's body or first line (checkable)",
         description="SFT, preference and prompt files (train/valid) from a demo-corpus jsonl; "
         "see data_pipeline/function_tasks.py for the task and its check",
     )
@@ -99,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--task",
         choices=["body", "line"],
         default="body",
-        help="body: write the function's body; line: only its first statement (easier)",
+        help="body: its body, from the def line and docstring; line: its first statement, from the def line "
+        "alone (make demo's: a small model can learn it)",
     )
     dt.set_defaults(func=run_demo_tasks)
 
