@@ -39,9 +39,9 @@ the prompt (400 pretraining steps) its SFT answers passed 0 held-out prompts and
 drifted to prompt-independent answers; without them `make demo` starts at about 10%.
 3 in 7 of its rejected answers (LINE_REJECTS) are the real line with its parameter names
 swapped for another answer's names (`renamed`: the small model's commonest mistake), the
-rest cut, trivial, another function's line, or a bare parameter. Its held-out split is larger (a
-fifth of the files) and takes at most 4 tasks of a file (LINE_PER_FILE), so no one module's
-parameter names fill it: measured on the demo corpus (Python 3.11, 138 held-out prompts),
+rest cut, trivial, another function's line, or a bare parameter. Its held-out split is
+larger (a fifth of the files) and takes at most 4 tasks of a file (LINE_PER_FILE), so no
+one module's parameter names fill it: measured on the demo corpus (Python 3.11, 138 held-out prompts),
 the best single fixed answer, of every training answer and `return f(name)`-like guesses,
 passes 10.9% of them (a line reading `args`). Its training split takes at most 8 of a file
 (tkinter's alone held 204 of 1,308, and the SFT model answered `self.tk.call(self._w, ...)`
@@ -224,7 +224,7 @@ def first_lines_of(source: str) -> list[tuple[str, str]]:
         first = node.body[1]
         if first.lineno != first.end_lineno:
             continue
-        head = "\n".join(x[indent:] for x in lines[node.lineno - 1 : node.body[0].lineno - 1]) + "\n"
+        head = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.body[0].lineno - 1])) + "\n"
         line = lines[first.lineno - 1][indent:] + "\n"
         if len(line) > MAX_LINE_CHARS or len(head) > MAX_PROMPT_CHARS or "\t" in head + line:
             continue
@@ -341,8 +341,7 @@ def rejected_for(
         elif kind == "renamed":
             cand = _renamed(prompt, body, rng.choice(others), rng)
         elif kind == "bare":
-            fn = ast.parse(prompt + "    pass\n").body[0]
-            cand = f"    return {min(_all_params(fn) - {'self', 'cls'} or {'self'})}\n"
+            cand = f"    return {min(_prompt_params(prompt) - {'self', 'cls'} or {'self'})}\n"
         else:
             cand = rng.choice(others)
         if cand != body and check(prompt, cand) == 0.0:
@@ -350,10 +349,15 @@ def rejected_for(
     return "    pass\n"
 
 
+def _prompt_params(prompt: str) -> set[str]:
+    """The parameters of the function whose `def` line (and docstring) `prompt` is."""
+    return _all_params(ast.parse(prompt + "    pass\n").body[0])
+
+
 def _renamed(prompt: str, body: str, other: str, rng: random.Random) -> str:
-    """`body` with each parameter name it reads (not attributes: `x.name` stays) replaced by
+    """`body` with each parameter's name in it (not attributes: `x.name` stays) replaced by
     one name of `other` that is no parameter here; `body` itself when there is none."""
-    params = _all_params(ast.parse(prompt + "    pass\n").body[0])
+    params = _prompt_params(prompt)
     try:
         toks = list(tokenize.generate_tokens(io.StringIO(body).readline))
         pool = sorted({t.string for t in tokenize.generate_tokens(io.StringIO(other).readline)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole path on this machine, no download: the Python standard library's
 # own sources -> BPE tokenizer -> .bin/.idx -> 2-rank pretraining -> Hugging Face export
-# -> post-training on a checkable task (a stdlib function's first statement from its `def` line, from
-# the same sources): SFT -> reward model -> PPO against it, and beside them DPO and GRPO (shaped
-# verifiable reward) from the SFT model -> HF export of the GRPO policy; then held-out
-# samples, curves (PNG) and a table of what each stage changed. Re-running resumes (or
+# -> post-training on a checkable task (a stdlib function's first statement from its `def`
+# line, from the same sources): SFT -> reward model -> PPO against it, and beside them DPO and
+# GRPO (shaped verifiable reward) from the SFT model -> HF export of the GRPO policy; then
+# held-out samples, curves (PNG) and a table of what each stage changed. Re-running resumes (or
 # skips) finished steps. DeepSpeed's own output goes to runs/*/logs/; VERBOSE=1 shows it here too.
 set -euo pipefail
 BIN=${VENV:-.venv}/bin
@@ -110,12 +110,15 @@ pngs = [plot_curves(f"{run}/metrics.jsonl", f"{run}/curves.png", panels, title) 
                                                 "KL to reference": ["kl_to_ref"], "answers": ["eot_rate"]}),
 ]]
 
+def logged(run, key):
+    return [(r["step"], r[key]) for r in read_metrics(f"{run}/metrics.jsonl") if key in r]
+
 def evals(run, key):
-    got = [(r["step"], r[key]) for r in read_metrics(f"{run}/metrics.jsonl") if key in r]
+    got = logged(run, key)
     return got[0], got[-1]
 
 def spans(run, key, k=6):  # the mean of the first and of the last k rollouts (one is 8 prompts: noisy)
-    got = [(r["step"], r[key]) for r in read_metrics(f"{run}/metrics.jsonl") if key in r]
+    got = logged(run, key)
     return [(f"{g[0][0]}-{g[-1][0]}", sum(v for _, v in g) / len(g)) for g in (got[:k], got[-k:])]
 
 def sampled(run, key):  # before (the SFT model) and after, at the run's first and last eval step
