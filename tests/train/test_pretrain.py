@@ -105,9 +105,15 @@ def launch_side_by_side(jobs: list[tuple[Path, str, dict | None]], timeout: floa
     the CPUs idle in its start-up and rendezvous, which the others fill."""
     procs = [launch(cfg, ds, env=env, wait=False) for cfg, ds, env in jobs]
     out = []
-    for p in procs:
-        stdout, _ = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    finally:  # a timeout or an error leaves no launch running (as subprocess.run's timeout does)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     return out
 
 
